@@ -1,0 +1,3 @@
+from rrto_server.cli import main
+
+raise SystemExit(main())

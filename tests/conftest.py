@@ -1,0 +1,65 @@
+"""Fixtures: a real ``rrto-server`` process on loopback, and sessions connected to it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rrto_lab
+
+READY = "rrto-server listening on "
+
+
+def start_server(*extra: str, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, str]:
+    """Start ``python -m rrto_server`` and wait for its ready line; return (process, address)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu", *extra],
+        stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+    )
+    line = proc.stdout.readline()  # the server prints it once bound, or exits
+    if not line.startswith(READY):
+        proc.kill()
+        raise RuntimeError(f"rrto-server did not start: {line!r}")
+    return proc, line[len(READY):].split(" device=")[0]
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    """One server process for the whole run (tests that kill servers start their own)."""
+    proc, address = start_server()
+    yield address
+    stop_server(proc)
+
+
+@pytest.fixture
+def session(server_address):
+    """An active session on the shared server; closed (and torch restored) after the test."""
+    s = rrto_lab.connect(server_address, timeout_s=30)
+    s.activate()
+    yield s
+    s.close()
+    assert not torch.cuda.is_available()
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, rrto server spawned per run, pid {os.getpid()}"
