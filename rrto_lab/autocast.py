@@ -12,7 +12,8 @@ so gradients flow back through them.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +48,7 @@ PROMOTE = (
 )
 
 _KEY = torch._C.DispatchKey.AutocastPrivateUse1
-_library: torch.library.Library | None = None
+_libraries: list[torch.library.Library] = []
 _original_enter = torch.autocast.__enter__
 _original_exit = torch.autocast.__exit__
 
@@ -113,19 +114,20 @@ def _exit(self: torch.autocast, *exc: Any) -> Any:
 
 def install(patch: Callable[[Any, str, Any], None]) -> None:
     """Register the kernels and hook ``torch.autocast``; ``patch`` records what it replaces."""
-    global _library
-    _library = torch.library.Library("aten", "IMPL")
+    # Ops without a policy pass straight through, as on every other autocast key.
+    passthrough = torch.library.Library("_", "IMPL")
+    passthrough.fallback(torch.library.fallthrough_kernel, "AutocastPrivateUse1")
+    kernels = torch.library.Library("aten", "IMPL")
+    _libraries.extend((passthrough, kernels))
     for policy, names in (("lower", LOWER_PRECISION), ("fp32", FLOAT32), ("promote", PROMOTE)):
         for name in names:
             op = _resolve(name)
             if op is not None:
-                _library.impl(name, _kernel(op, policy), "AutocastPrivateUse1")
+                kernels.impl(name, _kernel(op, policy), "AutocastPrivateUse1")
     patch(torch.autocast, "__enter__", _enter)
     patch(torch.autocast, "__exit__", _exit)
 
 
 def uninstall() -> None:
-    global _library
-    if _library is not None:
-        _library._destroy()
-        _library = None
+    while _libraries:
+        _libraries.pop()._destroy()

@@ -9,7 +9,8 @@ so ``torch.random.fork_rng`` and friends keep working for plain CPU code.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.backend_registration import _setup_privateuseone_for_python_backend

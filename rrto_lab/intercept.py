@@ -13,7 +13,7 @@ code pays nothing. The pieces:
 - Python fallback kernels on the ``CUDA`` and ``PrivateUse1`` dispatch keys catch factories
   (``torch.randn(..., device="cuda")``) and the allocations inside host-to-device copies;
 - ``nn.Module._apply`` swaps parameters instead of assigning ``.data`` (which drops subclasses);
-- ``torch.autocast("cuda")`` also enables autocast for the ``rgpu`` backend (:mod:`rrto_lab.autocast`).
+- ``torch.autocast("cuda")`` also enables autocast for ``rgpu`` (:mod:`rrto_lab.autocast`).
 """
 
 from __future__ import annotations

@@ -19,13 +19,6 @@ import warnings
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import return_and_correct_aliasing
-
-from rrto_lab import backend, intercept
-from rrto_lab.client import Connection, Heartbeat
-from rrto_lab.embedded import EmbeddedServer
-from rrto_lab.errors import RrtoError, SessionClosed
-from rrto_lab.remote_tensor import RemoteTensor
 from rrto_server.protocol import (
     Handle,
     NewTensor,
@@ -35,6 +28,13 @@ from rrto_server.protocol import (
     tensor_to_frame,
     walk,
 )
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from rrto_lab import backend, intercept
+from rrto_lab.client import Connection, Heartbeat
+from rrto_lab.embedded import EmbeddedServer
+from rrto_lab.errors import RrtoError, SessionClosed
+from rrto_lab.remote_tensor import RemoteTensor
 
 log = logging.getLogger("rrto_lab.session")
 MODES = ("rpc",)
@@ -191,6 +191,8 @@ class Session:
         out = self._run(func, args, kwargs, fetch)
         if fetch:
             return out
+        if func in _RESIZES:
+            return _resized(func, args, kwargs)
         return return_and_correct_aliasing(func, args, kwargs, out)
 
     def _run(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, fetch: bool) -> Any:
@@ -278,6 +280,30 @@ class Session:
     def new_event_id(self) -> int:
         self._next_event += 1
         return self._next_event
+
+
+_RESIZES = (_aten.resize_.default, _aten.resize_as_.default)
+
+
+def _resized(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Give a wrapper the shape the server's resize_ gave the real tensor.
+
+    ``return_and_correct_aliasing`` would rerun resize_ on the wrapper under meta dispatch,
+    which trips an internal assert; the result is fully determined by the arguments anyway.
+    """
+    t = args[0]
+    size = args[1] if func is _aten.resize_.default else args[1].shape
+    memory_format = kwargs.get("memory_format") or (args[2] if len(args) > 2 else None)
+    stride = torch.empty(size, device="meta", memory_format=memory_format
+                         or torch.contiguous_format).stride()
+    with torch.utils._mode_utils.no_dispatch():
+        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
+        torch._C._set_meta_in_tls_dispatch_include(True)
+        try:
+            _aten.as_strided_.default(t, size, stride, t.storage_offset())
+        finally:
+            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
+    return t
 
 
 def _op_name(func: torch._ops.OpOverload) -> str:

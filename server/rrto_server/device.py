@@ -1,4 +1,4 @@
-"""The server's device as clients see it: properties, synchronization, RNG, memory and timing events.
+"""The server's device as clients see it: properties, synchronization, RNG and timing events.
 
 What a notebook asks of ``torch.cuda`` (device name, capability, ``manual_seed``, ``Event``) is
 answered here from the real device: CUDA when the server has one, else the CPU. Timing events are

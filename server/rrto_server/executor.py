@@ -40,7 +40,7 @@ class OpError(RuntimeError):
 
 
 def resolve_op(name: Any) -> torch._ops.OpOverload:
-    """The ``torch.ops.aten`` overload called ``name`` (``"add.Tensor"``, ``"relu"``) or an error."""
+    """The ``torch.ops.aten`` overload called ``name`` (``"add.Tensor"``, ``"relu"``)."""
     if not op_name_ok(name):
         raise ProtocolError(f"{name!r} is not an ATen operator name")
     packet_name, _, overload = name.partition(".")
@@ -162,7 +162,8 @@ class Executor:
                 return NewTensor(next_handle - 1, meta_of(v))
             if isinstance(v, _SCALARS):
                 return v
-            raise OpError(name, f"aten::{name} returned a {type(v).__name__}, which rrto cannot send")
+            raise OpError(name, f"aten::{name} returned a {type(v).__name__}, "
+                          "which rrto cannot send")
 
         return walk(result, leaf), out_frames
 

@@ -11,8 +11,9 @@ every extension type decodes through a fixed table. See docs/protocol.md.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import torch
@@ -246,7 +247,8 @@ def tensor_from_frame(meta: TensorMeta, frame: bytes | memoryview) -> torch.Tens
 def _storage_span(meta: TensorMeta) -> int:
     if any(s == 0 for s in meta.shape):
         return 0
-    return meta.offset + 1 + sum((s - 1) * st for s, st in zip(meta.shape, meta.stride))
+    extent = sum((s - 1) * st for s, st in zip(meta.shape, meta.stride, strict=True))
+    return meta.offset + 1 + extent
 
 
 def op_name_ok(name: Any) -> bool:
