@@ -13,9 +13,9 @@ import threading
 from typing import Any
 
 import zmq
-from rrto_server.protocol import ProtocolError, pack, unpack
 
 from rrto_lab.errors import RemoteError, ServerUnavailable
+from rrto_server.protocol import ProtocolError, pack, unpack
 
 log = logging.getLogger("rrto_lab.client")
 

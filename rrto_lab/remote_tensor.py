@@ -12,9 +12,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from rrto_server.protocol import TensorMeta
 
 from rrto_lab import backend
+from rrto_server.protocol import TensorMeta
 
 if TYPE_CHECKING:
     from rrto_lab.session import Session

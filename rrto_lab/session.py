@@ -19,6 +19,13 @@ import warnings
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import return_and_correct_aliasing
+
+from rrto_lab import backend, intercept
+from rrto_lab.client import Connection, Heartbeat
+from rrto_lab.embedded import EmbeddedServer
+from rrto_lab.errors import RrtoError, SessionClosed
+from rrto_lab.remote_tensor import RemoteTensor
 from rrto_server.protocol import (
     Handle,
     NewTensor,
@@ -28,13 +35,6 @@ from rrto_server.protocol import (
     tensor_to_frame,
     walk,
 )
-from torch.utils._python_dispatch import return_and_correct_aliasing
-
-from rrto_lab import backend, intercept
-from rrto_lab.client import Connection, Heartbeat
-from rrto_lab.embedded import EmbeddedServer
-from rrto_lab.errors import RrtoError, SessionClosed
-from rrto_lab.remote_tensor import RemoteTensor
 
 log = logging.getLogger("rrto_lab.session")
 MODES = ("rpc",)
