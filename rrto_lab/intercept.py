@@ -119,14 +119,20 @@ def _remote_device(device: torch.device) -> torch.device:
 
 def _make_to(session: Session):  # noqa: ANN202
     def to(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # _parse_to rejects `copy` in every form: the keyword, or the last positional argument of
+        # to(device, dtype, non_blocking, copy), to(dtype, non_blocking, copy),
+        # to(tensor, non_blocking, copy).
+        copy = bool(kwargs.pop("copy", False))
+        if len(args) == 4 or (len(args) == 3 and isinstance(args[0], (torch.dtype, torch.Tensor))):
+            copy, args = bool(args[-1]), args[:-1]
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if device is None or device.type not in ("cuda", backend.NAME):
-            return _original_to(self, *args, **kwargs)
+            return _original_to(self, *args, copy=copy, **kwargs)
         target = _remote_device(device)
-        if (self.device.type == "cpu" and not kwargs.get("copy")
+        if (self.device.type == "cpu" and not copy
                 and not (self.requires_grad and torch.is_grad_enabled())):
             return session.upload(self, dtype, memory_format or torch.preserve_format)
-        return _original_to(self, target, dtype, non_blocking, bool(kwargs.get("copy", False)),
+        return _original_to(self, target, dtype, non_blocking, copy,
                             memory_format=memory_format or torch.preserve_format)
 
     return to

@@ -24,6 +24,11 @@ def test_moving_tensors_says_cuda(session):
     y = x.cuda()
     assert y.to("cuda") is y  # already there: no copy, as on a GPU
     assert y.cpu().device.type == "cpu" and y.to("cpu").device.type == "cpu"
+    # `copy` in every form Tensor.to accepts, remote and local
+    assert y.to("cuda", copy=True) is not y and x.to(torch.float32, copy=True) is not x
+    assert torch.equal(y.to(copy=True, dtype=torch.float64, device=y.device).cpu(), x.double())
+    assert torch.equal(x.to("cuda", torch.float32, False, True).cpu(), x)
+    assert x.to(torch.float64, False, True).dtype == torch.float64
 
 
 def test_factories_with_cuda_device(session):
