@@ -8,6 +8,7 @@ submitted on any of them is correct, and synchronizing any of them waits for all
 
 from __future__ import annotations
 
+import gc
 from collections import namedtuple
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,7 @@ class RemoteCuda:
             "max_memory_reserved": memory("peak"),
             "reset_peak_memory_stats": lambda device=None: query("reset_peak"),
             "reset_max_memory_allocated": lambda device=None: query("reset_peak"),
-            "empty_cache": lambda: query("empty_cache"),
+            "empty_cache": self.empty_cache,
             "mem_get_info": lambda device=None: (
                 self.properties.total_memory - query("memory")["allocated"],
                 self.properties.total_memory),
@@ -81,6 +82,12 @@ class RemoteCuda:
             "current_stream": lambda device=None: stream_cls(),
             "default_stream": lambda device=None: stream_cls(),
         }
+
+
+    def empty_cache(self) -> None:
+        """Collect dropped remote tensors (some sit in reference cycles) and free them now."""
+        gc.collect()
+        self.session.device_query("empty_cache")
 
 
 def _nothing(*args: Any, **kwargs: Any) -> None:

@@ -13,6 +13,7 @@ waiting for the server to name their outputs. Mode ``rpc`` (this module) waits f
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import warnings
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from rrto_lab import backend, intercept
+from rrto_lab import backend, intercept, meta_cache
 from rrto_lab.client import Connection, Heartbeat
 from rrto_lab.embedded import EmbeddedServer
 from rrto_lab.errors import RrtoError, SessionClosed
@@ -31,13 +32,14 @@ from rrto_server.protocol import (
     NewTensor,
     Payload,
     RemoteDevice,
+    TensorMeta,
     tensor_from_frame,
     tensor_to_frame,
     walk,
 )
 
 log = logging.getLogger("rrto_lab.session")
-MODES = ("rpc",)
+MODES = ("rpc", "async")
 _aten = torch.ops.aten
 _REMOTE = RemoteDevice()
 _CPU = torch.device("cpu")
@@ -79,11 +81,15 @@ class Session:
         self._next_handle = 1
         self._next_event = 1
         self._pending_free: list[int] = []
+        self._pending_ops: list[dict] = []
+        self._frames: list = []
+        self.meta = meta_cache.MetaCache()
         self._live = 0
         self.ops = 0
         self.rpcs = 0
         try:
-            reply, _ = self._request({"type": "hello", "token": token, "client": "rrto_lab"})
+            reply, _ = self.connection.request(
+                {"type": "hello", "token": token, "client": "rrto_lab"})
         except BaseException:
             self.connection.close()
             raise
@@ -119,11 +125,13 @@ class Session:
         if self.closed:
             return
         self.deactivate()
+        gc.collect()  # wrappers in reference cycles (swapped parameters, views) count as dropped
         live = self._live
         if live:
             warnings.warn(f"closing the rrto session drops {live} remote tensor(s) still "
                           "referenced in this process; using them now raises SessionClosed",
                           stacklevel=2)
+        self._pending_ops, self._frames = [], []  # the session is ending: nothing left to run
         try:
             self._request({"type": "bye"})
         except RrtoError as e:
@@ -159,11 +167,15 @@ class Session:
                 "live_tensors": self._live}
 
     # -- requests ------------------------------------------------------------------------------
-    def _request(self, header: dict, frames: list | tuple = ()) -> tuple[dict, list]:
-        if self._pending_free and "sid" in self.__dict__:
+    def _request(self, header: dict) -> tuple[dict, list]:
+        """One round trip. Ops queued by the async path and pending frees ride along, in order:
+        the server runs ``ops``, then frees, then the request itself."""
+        header["sid"] = self.sid
+        if self._pending_ops:
+            header["ops"], self._pending_ops = self._pending_ops, []
+        if self._pending_free:
             header["free"], self._pending_free = self._pending_free, []
-        if "sid" in self.__dict__:
-            header["sid"] = self.sid
+        frames, self._frames = self._frames, []
         self.rpcs += 1
         return self.connection.request(header, frames)
 
@@ -177,6 +189,11 @@ class Session:
         self._live += 1
         return RemoteTensor(self, handle, meta)
 
+    def _payload(self, t: torch.Tensor, copy: bool = False) -> Payload:
+        meta, frame = tensor_to_frame(t)
+        self._frames.append(bytes(frame) if copy else frame)
+        return Payload(len(self._frames) - 1, meta)
+
     # -- ops -----------------------------------------------------------------------------------
     def dispatch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         """Run one intercepted ATen op on the server; return what the op returns locally."""
@@ -184,32 +201,37 @@ class Session:
         self.ops += 1
         if func is _aten.copy_.default and not isinstance(args[0], RemoteTensor):
             return args[0].copy_(self.fetch(args[1]), *args[2:], **kwargs)
-        fetch = kwargs.get("device") == _CPU
-        if fetch:
+        if kwargs.get("device") == _CPU:
             kwargs = {k: v for k, v in kwargs.items()
                       if k not in ("device", "pin_memory", "non_blocking")}
-        out = self._run(func, args, kwargs, fetch)
-        if fetch:
-            return out
+            return self._run(func, args, kwargs, fetch=True)
+        if self.mode == "rpc":
+            out = self._run(func, args, kwargs)
+        else:
+            key = meta_cache.key_of(func, args, kwargs)
+            spec = self.meta.get(key)
+            if spec is not None:
+                out = self._enqueue(func, args, kwargs, spec)
+            else:
+                out = self._run(func, args, kwargs)
+                self.meta.learn(key, func, args, kwargs, meta_cache.spec_of(out, _tensors(
+                    args, kwargs)))
         if func in _RESIZES:
             return _resized(func, args, kwargs)
         return return_and_correct_aliasing(func, args, kwargs, out)
 
-    def _run(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, fetch: bool) -> Any:
-        frames: list = []
-        inputs: dict[int, RemoteTensor] = {}
+    def _encode(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
+                copy: bool) -> dict:
+        """The wire form of one op; CPU tensors go to ``self._frames`` (copied if ``copy``)."""
 
         def encode(v: Any) -> Any:
             if isinstance(v, RemoteTensor):
                 if v._rrto_session is not self:
                     v._rrto_session._check_open()
                     raise RrtoError(f"{func}: tensors of two different rrto sessions in one op")
-                inputs[v._rrto_handle] = v
                 return Handle(v._rrto_handle)
             if isinstance(v, torch.Tensor):
-                meta, frame = tensor_to_frame(v)
-                frames.append(frame)
-                return Payload(len(frames) - 1, meta)
+                return self._payload(v, copy)
             if isinstance(v, torch.device):
                 return _REMOTE if v.type in ("cuda", backend.NAME) else v
             if isinstance(v, torch.Generator):
@@ -217,9 +239,15 @@ class Session:
                                 "seed the remote device with torch.cuda.manual_seed instead")
             return v
 
-        header = {"type": "op", "op": _op_name(func), "args": walk(args, encode),
-                  "kwargs": walk(kwargs, encode), "out": self._next_handle, "fetch": fetch}
-        reply, reply_frames = self._request(header, frames)
+        return {"op": _op_name(func), "args": walk(args, encode), "kwargs": walk(kwargs, encode),
+                "out": self._next_handle}
+
+    def _run(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
+             fetch: bool = False) -> Any:
+        """Send one op and wait for its answer (with any queued ops before it)."""
+        header = {"type": "op", **self._encode(func, args, kwargs, copy=False), "fetch": fetch}
+        reply, reply_frames = self._request(header)
+        inputs = {t._rrto_handle: t for t in _tensors(args, kwargs) if isinstance(t, RemoteTensor)}
 
         def decode(v: Any) -> Any:
             if isinstance(v, NewTensor):
@@ -231,20 +259,39 @@ class Session:
                 return tensor_from_frame(v.meta, reply_frames[v.frame])
             return v
 
-        out = walk(reply["result"], decode)
-        if isinstance(out, list) and len(func._schema.returns) > 1:
-            out = tuple(out)
+        return _as_returns(func, walk(reply["result"], decode))
+
+    def _enqueue(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
+                 spec: Any) -> Any:
+        """Queue an op whose outputs are known (``spec``) and hand them out now."""
+        entry = self._encode(func, args, kwargs, copy=True)
+        expect: list[TensorMeta] = []
+        out = self._make(spec, _tensors(args, kwargs), expect)
+        entry["expect"] = expect
+        self._pending_ops.append(entry)
         return out
+
+    def _make(self, spec: Any, inputs: list[torch.Tensor], made: list[TensorMeta]) -> Any:
+        """Outputs for ``spec``: new wrappers with the next handles, or the aliased inputs."""
+        if isinstance(spec, meta_cache.Alias):
+            return inputs[spec.index]
+        if isinstance(spec, TensorMeta):
+            made.append(spec)
+            self._next_handle += 1
+            return self._wrap(self._next_handle - 1, spec)
+        return type(spec)(self._make(x, inputs, made) for x in spec)
+
+    def flush(self) -> None:
+        """Run every queued op now (a round trip only if there are any)."""
+        if self._pending_ops:
+            self._request({"type": "ping"})
 
     def upload(self, t: torch.Tensor, dtype: torch.dtype | None = None,
                memory_format: torch.memory_format = torch.preserve_format) -> RemoteTensor:
-        """Copy a CPU tensor to the server in one request (``t.to('cuda')`` without autograd)."""
-        self._check_open()
-        self.ops += 1
-        kwargs: dict[str, Any] = {"device": _REMOTE, "memory_format": memory_format}
-        if dtype is not None:
-            kwargs["dtype"] = dtype
-        return self._run(_aten._to_copy.default, (t,), kwargs, False)
+        """Copy a CPU tensor to the server (``t.to('cuda')`` when no gradient flows through it)."""
+        kwargs: dict[str, Any] = {"dtype": dtype, "device": backend.DEVICE,
+                                  "memory_format": memory_format}
+        return self.dispatch(_aten._to_copy.default, (t,), kwargs)
 
     def fetch(self, t: RemoteTensor) -> torch.Tensor:
         """The data of a remote tensor, as a CPU tensor with the same strides where dense."""
@@ -257,14 +304,11 @@ class Session:
     def device_query(self, query: str, arg: Any = None) -> Any:
         self._check_open()
         header: dict[str, Any] = {"type": "device", "query": query}
-        frames: list = []
         if query == "manual_seed":
             header["seed"] = int(arg) & 0xFFFF_FFFF_FFFF_FFFF
         elif query == "set_rng_state":
-            meta, frame = tensor_to_frame(arg)
-            frames.append(frame)
-            header["state"] = Payload(0, meta)
-        reply, reply_frames = self._request(header, frames)
+            header["state"] = self._payload(arg)
+        reply, reply_frames = self._request(header)
         result = reply["result"]
         if isinstance(result, Payload):
             return tensor_from_frame(result.meta, reply_frames[result.frame])
@@ -304,6 +348,31 @@ def _resized(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> torch.Te
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
     return t
+
+
+def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
+    """The tensor arguments of a call, flattened in order (the positions ``Alias`` refers to)."""
+    found: list[torch.Tensor] = []
+    _collect(args, found)
+    _collect(list(kwargs.values()), found)
+    return found
+
+
+def _collect(v: Any, found: list[torch.Tensor]) -> None:
+    # Module level on purpose: a recursive closure is a reference cycle, and it would keep the
+    # tensors it saw alive until the garbage collector runs (blocking Module.cpu()'s swap).
+    if isinstance(v, torch.Tensor):
+        found.append(v)
+    elif isinstance(v, (list, tuple)):
+        for x in v:
+            _collect(x, found)
+
+
+def _as_returns(func: torch._ops.OpOverload, out: Any) -> Any:
+    """msgpack has no tuples: a multi-output op's list of results becomes a tuple again."""
+    if isinstance(out, list) and len(func._schema.returns) > 1:
+        return tuple(out)
+    return out
 
 
 def _op_name(func: torch._ops.OpOverload) -> str:

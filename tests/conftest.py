@@ -45,10 +45,10 @@ def server_address():
     stop_server(proc)
 
 
-@pytest.fixture
-def session(server_address):
-    """An active session on the shared server; closed (and torch restored) after the test."""
-    s = rrto_lab.connect(server_address, timeout_s=30)
+@pytest.fixture(params=rrto_lab.MODES)
+def session(server_address, request):
+    """An active session on the shared server, in each mode; closed (torch restored) after."""
+    s = rrto_lab.connect(server_address, mode=request.param, timeout_s=30)
     s.activate()
     yield s
     s.close()

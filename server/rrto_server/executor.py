@@ -19,6 +19,7 @@ from rrto_server.protocol import (
     Payload,
     ProtocolError,
     RemoteDevice,
+    TensorMeta,
     meta_of,
     op_name_ok,
     tensor_from_frame,
@@ -110,12 +111,14 @@ class Executor:
 
     # -- ops -----------------------------------------------------------------------------------
     def run(
-        self, name: str, args: list, kwargs: dict, out: int, fetch: bool, frames: list
+        self, name: str, args: list, kwargs: dict, out: int, fetch: bool, frames: list,
+        expect: list | None = None,
     ) -> tuple[Any, list[memoryview]]:
         """Run ``name`` on decoded arguments; return the result tree and its payload frames.
 
         New tensor outputs get handles ``out, out+1, ...``; with ``fetch`` they are sent back as
-        data instead and not kept.
+        data instead and not kept. ``expect`` is the client's prediction of the new outputs'
+        metadata; the server is the authority and a difference is an error, never ignored.
         """
         op = resolve_op(name)
         inputs: dict[int, int] = {}
@@ -142,7 +145,19 @@ class Executor:
                 result = op(*bound_args, **bound_kwargs)
         except Exception as e:  # every failure of the op is the client's to see
             raise OpError(name, str(e), type(e).__name__) from e
-        return self._answer(name, result, inputs, out, fetch)
+        answer = self._answer(name, result, inputs, out, fetch)
+        if expect is not None:
+            self._check(name, answer[0], expect)
+        return answer
+
+    @staticmethod
+    def _check(name: str, result: Any, expect: list) -> None:
+        made: list[TensorMeta] = []
+        walk(result, lambda v: made.append(v.meta) if isinstance(v, NewTensor) else None)
+        if made != expect:
+            raise OpError(name, f"the client predicted outputs {expect} but the server made "
+                          f"{made}; please report this (mode='rpc' avoids predictions)",
+                          "MetadataMismatch")
 
     def _answer(
         self, name: str, result: Any, inputs: dict[int, int], out: int, fetch: bool

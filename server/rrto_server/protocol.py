@@ -29,6 +29,7 @@ EXT_HANDLE = 5  # msgpack int: a tensor the server holds for this session
 EXT_PAYLOAD = 6  # msgpack [frame, dtype, shape, stride, storage_offset]: tensor bytes in a frame
 EXT_COMPLEX = 7  # msgpack [real, imag]
 EXT_NEW_TENSOR = 8  # msgpack [handle, dtype, shape, stride, storage_offset]: an op's new output
+EXT_META = 9  # msgpack [dtype, shape, stride, storage_offset]: a predicted output's metadata
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -140,6 +141,8 @@ def _default(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(EXT_PAYLOAD, _pack_nested([obj.frame, *_meta_fields(obj.meta)]))
     if isinstance(obj, NewTensor):
         return msgpack.ExtType(EXT_NEW_TENSOR, _pack_nested([obj.handle, *_meta_fields(obj.meta)]))
+    if isinstance(obj, TensorMeta):
+        return msgpack.ExtType(EXT_META, _pack_nested(_meta_fields(obj)))
     if isinstance(obj, complex):
         return msgpack.ExtType(EXT_COMPLEX, _pack_nested([obj.real, obj.imag]))
     if isinstance(obj, tuple):
@@ -173,6 +176,8 @@ def _ext_hook(code: int, data: bytes) -> Any:
             return Payload(int(inner[0]), _meta_from(inner[1:]))
         if code == EXT_NEW_TENSOR:
             return NewTensor(int(inner[0]), _meta_from(inner[1:]))
+        if code == EXT_META:
+            return _meta_from(inner)
         if code == EXT_COMPLEX:
             return complex(inner[0], inner[1])
     except (TypeError, IndexError, ValueError) as e:

@@ -128,6 +128,9 @@ class Server:
                                 "connect again")
         session.last_seen = time.monotonic()
         session.requests += 1
+        ops = header.get("ops")
+        if ops:
+            self._run_queued(session, ops, frames)
         free = header.get("free")
         if free:
             if not isinstance(free, list) or not all(isinstance(h, int) for h in free):
@@ -168,6 +171,22 @@ class Server:
         self.sessions[sid] = Session(sid, Executor(self.device), devices.Events(self.device))
         log.info("session %s opened by %s", sid[:8], header.get("client", "?"))
         return {"sid": sid, "device": self.info}, []
+
+    @staticmethod
+    def _run_queued(session: Session, ops: Any, frames: list) -> None:
+        """Run ops a client queued without waiting; the first failure stops the rest."""
+        if not isinstance(ops, list):
+            raise ProtocolError("'ops' must be a list")
+        for i, entry in enumerate(ops):
+            if not isinstance(entry, dict):
+                raise ProtocolError("each queued op must be a map")
+            try:
+                session.executor.run(entry.get("op"), entry.get("args", []),
+                                     entry.get("kwargs", {}), entry.get("out", 0), False, frames,
+                                     expect=entry.get("expect"))
+            except OpError as e:
+                raise OpError(e.op, f"{e} (queued op {i + 1} of {len(ops)}, sent without "
+                              "waiting; the ops after it did not run)", e.kind) from None
 
     def _op(self, session: Session, header: dict, frames: list) -> Reply:
         out = header.get("out", 0)
