@@ -29,6 +29,8 @@ re-walks, on fine tokens, only the coarse pieces whose score could beat the best
 match is a coarse match, so the coarse score bounds the fine one). The walk stops once no larger p
 can win: ``(r-1)*p <= min(n-p, farthest occurrence)``. Cost: one linear pass plus one chain walk
 (``O(r log n)``) per candidate; realistic streams have a handful, a stream of one repeated op more.
+Online (``SequenceSearch``): ``push`` is O(1); confirming the known sequence at the next sync point
+is O(new ops); a fresh search is the pass above over at most ``max_history`` ops.
 """
 
 from __future__ import annotations
@@ -313,8 +315,10 @@ def _insertions(cstr: str, coarse: Sequence[Hashable], offset: int, starts: list
     pairs = zip(starts, starts[1:], strict=False)
     runs = [(0, starts[0])] + [(a + p, b) for a, b in pairs if b - a > 2 * p]
     for a, b in reversed(runs):
+        if len(notes) == limit:
+            break
         end = cstr.rfind(tpl[-1], a, b) + 1  # ops after the last closing op are plain noise
-        if len(notes) == limit or end - a <= p or tpl in cstr[a:end]:
+        if end - a <= p or tpl in cstr[a:end]:
             continue  # too short, or a whole copy: the level-2 rejection tells about it
         j, k, lo, inserted = p - 1, end - 1, max(a, end - p - max(2, p // 4)), []
         while k >= lo and j >= 0:

@@ -89,6 +89,19 @@ def test_noise_between_periods_is_filtered_and_listed():
     assert "3 ops before the first period, 6 ops in 3 gaps" in r.explain()
 
 
+def test_a_metric_computed_now_and_then_longer_than_a_period_is_noise():
+    s = synthetic_stream(8, 4, gaps=[0, 20, 0], seed=6)
+    r = find_sequence(s.coarse, s.fine)
+    assert_truth(r, s)
+    assert r.noise == tuple(range(s.start + 16, s.start + 36))
+    online = SequenceSearch()
+    feed(online, s.coarse, s.fine, 0, s.start + 16)
+    assert online.search().repeats == 2
+    feed(online, s.coarse, s.fine, s.start + 16, len(s.coarse))
+    r = online.search()  # a noise run that long is searched afresh, with the same answer
+    assert r.level1_candidates > 0 and (r.start, r.repeats, r.noise) == (s.start, 4, s.noise)
+
+
 def test_an_op_inserted_inside_a_period_makes_it_not_a_period():
     period = [f"op{k}" for k in range(10)]
     broken = period[:8] + ["aten.log"] + period[8:]
@@ -193,6 +206,9 @@ def test_synthetic_stream_ground_truth_is_consistent():
     assert len(steady) == s.period * s.repeats and min(steady) == s.start
     assert s.fine[-s.period:] == s.template and len(s.coarse) == len(s.fine)
     assert synthetic_stream(30, 5, seed=11) == synthetic_stream(30, 5, seed=11)
+    ends = {i for i in steady if s.fine[i].endswith("->cpu")}
+    assert len(ends) == s.repeats
+    assert ends <= set(s.syncs) and set(s.syncs) <= ends | set(s.noise)
 
 
 # --- the online form ---------------------------------------------------------------------------
