@@ -100,16 +100,20 @@ class MetaCache:
         return spec
 
     def learn(self, key: tuple | None, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
-              spec: Any) -> None:
-        """Remember the server's answer ``spec`` for ``key`` if the op is predictable."""
+              spec: Any) -> bool:
+        """Remember the server's answer ``spec`` for ``key``; False if the op is unpredictable
+        (its output metadata depends on values, or its arguments cannot be a key)."""
         if key is None or key in self._unpredictable or spec is None:
-            return
+            return False
+        if key in self._entries:
+            return True
         if data_dependent(func, args, kwargs):
             self._unpredictable.add(key)
-            return
+            return False
         if len(self._entries) >= self.limit:
             self._entries.pop(next(iter(self._entries)))
         self._entries[key] = spec
+        return True
 
 
 def spec_of(result: Any, inputs: list[torch.Tensor]) -> Any:

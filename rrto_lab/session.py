@@ -22,11 +22,13 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from rrto_lab import backend, intercept, meta_cache
+from rrto_lab import aten, backend, intercept, meta_cache, recorder, replay
 from rrto_lab.client import Connection, Heartbeat
 from rrto_lab.embedded import EmbeddedServer
 from rrto_lab.errors import RrtoError, SessionClosed
 from rrto_lab.remote_tensor import RemoteTensor
+from rrto_lab.sequence_search import SequenceResult
+from rrto_lab.telemetry import Telemetry
 from rrto_server.protocol import (
     Handle,
     NewTensor,
@@ -39,8 +41,9 @@ from rrto_server.protocol import (
 )
 
 log = logging.getLogger("rrto_lab.session")
-MODES = ("rpc", "async")
-_aten = torch.ops.aten
+MODES = ("rpc", "async", "rrto")
+_NOT_REPLAYED = object()
+_ops = torch.ops.aten
 _REMOTE = RemoteDevice()
 _CPU = torch.device("cpu")
 
@@ -84,9 +87,14 @@ class Session:
         self._pending_ops: list[dict] = []
         self._frames: list = []
         self.meta = meta_cache.MetaCache()
+        self.telemetry = Telemetry()
+        self.recorder = recorder.Recorder() if mode == "rrto" else None
+        self.templates: dict[tuple, replay.Template] = {}
+        self.instance: replay.Instance | None = None
+        self.search_notes: list[str] = []
+        self._boundary = True
+        self._diverged = False
         self._live = 0
-        self.ops = 0
-        self.rpcs = 0
         try:
             reply, _ = self.connection.request(
                 {"type": "hello", "token": token, "client": "rrto_lab"})
@@ -131,7 +139,8 @@ class Session:
             warnings.warn(f"closing the rrto session drops {live} remote tensor(s) still "
                           "referenced in this process; using them now raises SessionClosed",
                           stacklevel=2)
-        self._pending_ops, self._frames = [], []  # the session is ending: nothing left to run
+        # the session is ending: nothing left to run
+        self._pending_ops, self._frames, self.instance = [], [], None
         try:
             self._request({"type": "bye"})
         except RrtoError as e:
@@ -161,23 +170,41 @@ class Session:
 
     # -- statistics ----------------------------------------------------------------------------
     def stats(self) -> dict[str, int]:
+        """Session totals: ops intercepted, round trips, messages and bytes each way."""
         c = self.connection
-        return {"ops": self.ops, "rpcs": self.rpcs, "messages": c.messages,
+        return {"ops": self.telemetry.ops, "rpcs": self.telemetry.rpcs, "messages": c.messages,
                 "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
-                "live_tensors": self._live}
+                "live_tensors": self._live, "templates": len(self.templates)}
+
+    @property
+    def inferences(self) -> list[dict[str, Any]]:
+        """One row per inference (see :mod:`rrto_lab.telemetry`), oldest first."""
+        return [row.as_dict() for row in self.telemetry.rows]
+
+    @property
+    def search_result(self) -> SequenceResult | None:
+        """The latest Operator Sequence Search result (mode rrto)."""
+        return self.recorder.last_result if self.recorder is not None else None
 
     # -- requests ------------------------------------------------------------------------------
     def _request(self, header: dict) -> tuple[dict, list]:
-        """One round trip. Ops queued by the async path and pending frees ride along, in order:
-        the server runs ``ops``, then frees, then the request itself."""
+        """One round trip. Queued work and pending frees ride along, in order: the server runs
+        ``ops`` (queued ops and replay segments), then frees, then the request itself."""
+        if self.instance is not None and header.get("type") != "replay":
+            self._queue_segment(self.instance)
         header["sid"] = self.sid
         if self._pending_ops:
             header["ops"], self._pending_ops = self._pending_ops, []
         if self._pending_free:
             header["free"], self._pending_free = self._pending_free, []
         frames, self._frames = self._frames, []
-        self.rpcs += 1
-        return self.connection.request(header, frames)
+        c = self.connection
+        sent, received = c.bytes_sent, c.bytes_received
+        try:
+            return c.request(header, frames)
+        finally:
+            self.telemetry.round_trip(c.bytes_sent - sent, c.bytes_received - received,
+                                      self._phase)
 
     def release(self, handle: int) -> None:
         """Called when a RemoteTensor is garbage-collected; freed with the next request."""
@@ -198,27 +225,43 @@ class Session:
     def dispatch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         """Run one intercepted ATen op on the server; return what the op returns locally."""
         self._check_open()
-        self.ops += 1
-        if func is _aten.copy_.default and not isinstance(args[0], RemoteTensor):
-            return args[0].copy_(self.fetch(args[1]), *args[2:], **kwargs)
-        if kwargs.get("device") == _CPU:
+        if func is _ops.copy_.default and not isinstance(args[0], RemoteTensor):
+            host = self.dispatch(_ops._to_copy.default, (args[1],), {"device": _CPU})
+            return args[0].copy_(host, *args[2:], **kwargs)
+        fetch = kwargs.get("device") == _CPU
+        if fetch:
             kwargs = {k: v for k, v in kwargs.items()
                       if k not in ("device", "pin_memory", "non_blocking")}
-            return self._run(func, args, kwargs, fetch=True)
-        if self.mode == "rpc":
+        if self.mode == "rrto":
+            out = self._replay(func, args, kwargs)
+            if out is not _NOT_REPLAYED:
+                return self._finish(func, args, kwargs, out)
+        self.telemetry.op(self._phase)
+        if fetch:
+            out = self._run(func, args, kwargs, fetch=True)
+        elif self.mode == "rpc":
             out = self._run(func, args, kwargs)
         else:
             key = meta_cache.key_of(func, args, kwargs)
             spec = self.meta.get(key)
-            if spec is not None:
-                out = self._enqueue(func, args, kwargs, spec)
-            else:
-                out = self._run(func, args, kwargs)
-                self.meta.learn(key, func, args, kwargs, meta_cache.spec_of(out, _tensors(
-                    args, kwargs)))
-        if func in _RESIZES:
-            return _resized(func, args, kwargs)
+            out = self._enqueue(func, args, kwargs, spec) if spec is not None \
+                else self._run(func, args, kwargs, key=key)
+        return self._finish(func, args, kwargs, out)
+
+    def _finish(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Any:
+        if func in aten.RESIZES:
+            return aten.resized(func, args, kwargs)
+        if isinstance(out, torch.Tensor) and not isinstance(out, RemoteTensor):
+            return out  # fetched data
         return return_and_correct_aliasing(func, args, kwargs, out)
+
+    @property
+    def _phase(self) -> str:
+        if self.mode != "rrto":
+            return self.mode
+        if self._diverged:
+            return "fallback"
+        return "replay" if self.instance is not None else "record"
 
     def _encode(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
                 copy: bool) -> dict:
@@ -239,19 +282,22 @@ class Session:
                                 "seed the remote device with torch.cuda.manual_seed instead")
             return v
 
-        return {"op": _op_name(func), "args": walk(args, encode), "kwargs": walk(kwargs, encode),
-                "out": self._next_handle}
+        return {"op": aten.op_name(func), "args": walk(args, encode),
+                "kwargs": walk(kwargs, encode), "out": self._next_handle}
 
     def _run(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
-             fetch: bool = False) -> Any:
-        """Send one op and wait for its answer (with any queued ops before it)."""
-        header = {"type": "op", **self._encode(func, args, kwargs, copy=False), "fetch": fetch}
-        reply, reply_frames = self._request(header)
-        inputs = {t._rrto_handle: t for t in _tensors(args, kwargs) if isinstance(t, RemoteTensor)}
+             fetch: bool = False, key: tuple | None = None) -> Any:
+        """Send one op and wait for its answer (after any queued work); learn its metadata."""
+        entry = self._encode(func, args, kwargs, copy=False)
+        reply, reply_frames = self._request({"type": "op", **entry, "fetch": fetch})
+        tensors = aten.tensors(args, kwargs)
+        inputs = {t._rrto_handle: t for t in tensors if isinstance(t, RemoteTensor)}
+        made: list[int] = []
 
         def decode(v: Any) -> Any:
             if isinstance(v, NewTensor):
                 self._next_handle = max(self._next_handle, v.handle + 1)
+                made.append(v.handle)
                 return self._wrap(v.handle, v.meta)
             if isinstance(v, Handle):
                 return inputs[v.id]
@@ -259,16 +305,36 @@ class Session:
                 return tensor_from_frame(v.meta, reply_frames[v.frame])
             return v
 
-        return _as_returns(func, walk(reply["result"], decode))
+        out = aten.as_returns(func, walk(reply["result"], decode))
+        spec = None if fetch else meta_cache.spec_of(out, tensors)
+        if fetch:
+            kind = recorder.FETCH
+        elif spec is None:
+            kind = recorder.VALUE
+        elif self.mode == "rpc" or self.meta.learn(key, func, args, kwargs, spec):
+            kind = recorder.SYNC  # (rpc mode does not ask whether shapes were data-dependent)
+        else:
+            kind = recorder.DYNAMIC
+        if self.recorder is not None:
+            self.recorder.add(recorder.OpRecord(func, entry["args"], entry["kwargs"], made,
+                                                spec, kind))
+        if kind != recorder.SYNC:
+            self._sync_point()
+        return out
 
     def _enqueue(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
                  spec: Any) -> Any:
         """Queue an op whose outputs are known (``spec``) and hand them out now."""
         entry = self._encode(func, args, kwargs, copy=True)
         expect: list[TensorMeta] = []
-        out = self._make(spec, _tensors(args, kwargs), expect)
+        first = self._next_handle
+        out = self._make(spec, aten.tensors(args, kwargs), expect)
         entry["expect"] = expect
         self._pending_ops.append(entry)
+        if self.recorder is not None:
+            self.recorder.add(recorder.OpRecord(func, entry["args"], entry["kwargs"],
+                                                list(range(first, self._next_handle)), spec,
+                                                recorder.QUEUED))
         return out
 
     def _make(self, spec: Any, inputs: list[torch.Tensor], made: list[TensorMeta]) -> Any:
@@ -281,9 +347,111 @@ class Session:
             return self._wrap(self._next_handle - 1, spec)
         return type(spec)(self._make(x, inputs, made) for x in spec)
 
+    def _sync_point(self) -> None:
+        """Data came back to the notebook: an inference row ends; in mode rrto, search."""
+        self.telemetry.close_row()
+        self._diverged = False
+        if self.recorder is None:
+            return
+        self._boundary = True
+        result = self.recorder.search()
+        starts = result.period_starts
+        if not result.found or starts[-1] - starts[-2] != result.period:
+            return  # replay needs the last two periods back to back (carried values)
+        key = tuple(self.recorder.fine_token(i, result.period)
+                    for i in range(len(self.recorder.records) - result.period,
+                                   len(self.recorder.records)))
+        template = self.templates.get(key)
+        if template is None:
+            built = replay.build(self.recorder, result.period, len(self.templates) + 1, key)
+            if isinstance(built, str):
+                self.search_notes.append(built)
+                log.info("no replay: %s", built)
+                return
+            template = built
+            self._request({"type": "template", "template": template.id,
+                           "steps": template.wire()})
+            self.templates[key] = template
+        else:
+            template.last_outputs = replay.last_outputs(self.recorder, result.period)
+        self._start_instance(template, template.last_outputs)
+
+    def _start_instance(self, template: replay.Template, prev: Any) -> replay.Instance:
+        self.instance = replay.Instance(template, self._next_handle, prev)
+        self._next_handle += template.n_outputs
+        return self.instance
+
+    def _replay(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
+        """The op's outputs from the current template, or _NOT_REPLAYED (it diverged)."""
+        inst = self.instance
+        if inst is None:
+            if not (self._boundary and self.templates):
+                self._boundary = False
+                return _NOT_REPLAYED
+            self._boundary = False
+            inst = self._enter(func, args, kwargs)
+            if inst is None:
+                return _NOT_REPLAYED
+        elif not inst.match(func, args, kwargs):
+            self._diverge(inst)
+            return _NOT_REPLAYED
+        self.telemetry.op("replay")
+        step = inst.template.steps[inst.cursor]
+        if step.kind in (recorder.FETCH, recorder.VALUE):
+            out = self._replay_request(inst, inst.cursor + 1)
+        else:
+            out = inst.outputs(args, kwargs, self._wrap)
+        inst.cursor += 1
+        if inst.cursor == inst.template.period:
+            self.telemetry.close_row()
+            self._start_instance(inst.template, inst.base)
+        return out
+
+    def _enter(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict
+               ) -> replay.Instance | None:
+        """At a sync boundary, start a known template whose first step this op is."""
+        for template in reversed(list(self.templates.values())):
+            inst = replay.Instance(template, self._next_handle, None)
+            if inst.match(func, args, kwargs):
+                self._next_handle += template.n_outputs
+                self.instance = inst
+                return inst
+        return None
+
+    def _diverge(self, inst: replay.Instance) -> None:
+        """The op is not the template's next step: run the matched prefix, record again."""
+        self._queue_segment(inst)
+        self.instance = None
+        self._diverged = True
+        if self.recorder is not None:
+            self.recorder.clear()
+
+    def _queue_segment(self, inst: replay.Instance) -> None:
+        if inst.cursor > inst.start:
+            self._pending_ops.append(self._segment(inst, inst.cursor))
+
+    def _segment(self, inst: replay.Instance, stop: int) -> dict:
+        body = inst.segment(stop)
+        body["inputs"] = [self._frame(meta, data) for meta, data in inst.inputs]
+        inst.inputs, inst.carried, inst.start = [], [], stop
+        return body
+
+    def _frame(self, meta: TensorMeta, data: bytes) -> Payload:
+        self._frames.append(data)
+        return Payload(len(self._frames) - 1, meta)
+
+    def _replay_request(self, inst: replay.Instance, stop: int) -> Any:
+        """Run the template up to and including a step whose answer the notebook needs."""
+        reply, frames = self._request({"type": "replay", **self._segment(inst, stop)})
+        result = reply["result"]
+        if isinstance(result, Payload):
+            return tensor_from_frame(result.meta, frames[result.frame])
+        return result
+
     def flush(self) -> None:
-        """Run every queued op now (a round trip only if there are any)."""
-        if self._pending_ops:
+        """Run every queued op now (a round trip only if there is any)."""
+        if self._pending_ops or (self.instance is not None
+                                 and self.instance.cursor > self.instance.start):
             self._request({"type": "ping"})
 
     def upload(self, t: torch.Tensor, dtype: torch.dtype | None = None,
@@ -291,14 +459,7 @@ class Session:
         """Copy a CPU tensor to the server (``t.to('cuda')`` when no gradient flows through it)."""
         kwargs: dict[str, Any] = {"dtype": dtype, "device": backend.DEVICE,
                                   "memory_format": memory_format}
-        return self.dispatch(_aten._to_copy.default, (t,), kwargs)
-
-    def fetch(self, t: RemoteTensor) -> torch.Tensor:
-        """The data of a remote tensor, as a CPU tensor with the same strides where dense."""
-        self._check_open()
-        reply, frames = self._request({"type": "fetch", "handle": t._rrto_handle})
-        payload: Payload = reply["result"]
-        return tensor_from_frame(payload.meta, frames[payload.frame])
+        return self.dispatch(_ops._to_copy.default, (t,), kwargs)
 
     # -- device queries (torch.cuda.*) ---------------------------------------------------------
     def device_query(self, query: str, arg: Any = None) -> Any:
@@ -325,60 +486,3 @@ class Session:
         self._next_event += 1
         return self._next_event
 
-
-_RESIZES = (_aten.resize_.default, _aten.resize_as_.default)
-
-
-def _resized(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Give a wrapper the shape the server's resize_ gave the real tensor.
-
-    ``return_and_correct_aliasing`` would rerun resize_ on the wrapper under meta dispatch,
-    which trips an internal assert; the result is fully determined by the arguments anyway.
-    """
-    t = args[0]
-    size = args[1] if func is _aten.resize_.default else args[1].shape
-    memory_format = kwargs.get("memory_format") or (args[2] if len(args) > 2 else None)
-    stride = torch.empty(size, device="meta", memory_format=memory_format
-                         or torch.contiguous_format).stride()
-    with torch.utils._mode_utils.no_dispatch():
-        meta_in_tls = torch._C._meta_in_tls_dispatch_include()
-        torch._C._set_meta_in_tls_dispatch_include(True)
-        try:
-            _aten.as_strided_.default(t, size, stride, t.storage_offset())
-        finally:
-            torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
-    return t
-
-
-def _tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
-    """The tensor arguments of a call, flattened in order (the positions ``Alias`` refers to)."""
-    found: list[torch.Tensor] = []
-    _collect(args, found)
-    _collect(list(kwargs.values()), found)
-    return found
-
-
-def _collect(v: Any, found: list[torch.Tensor]) -> None:
-    # Module level on purpose: a recursive closure is a reference cycle, and it would keep the
-    # tensors it saw alive until the garbage collector runs (blocking Module.cpu()'s swap).
-    if isinstance(v, torch.Tensor):
-        found.append(v)
-    elif isinstance(v, (list, tuple)):
-        for x in v:
-            _collect(x, found)
-
-
-def _as_returns(func: torch._ops.OpOverload, out: Any) -> Any:
-    """msgpack has no tuples: a multi-output op's list of results becomes a tuple again."""
-    if isinstance(out, list) and len(func._schema.returns) > 1:
-        return tuple(out)
-    return out
-
-
-def _op_name(func: torch._ops.OpOverload) -> str:
-    schema = func._schema
-    if schema.name.startswith("aten::"):
-        name = schema.name[len("aten::"):]
-        return f"{name}.{schema.overload_name}" if schema.overload_name else name
-    raise RrtoError(f"{schema.name} is not an ATen operator; rrto only forwards torch.ops.aten "
-                    "ops (custom operators need to run on the CPU)")

@@ -301,9 +301,13 @@ def test_stats_count_ops_and_round_trips(session):
         assert rpcs == ops  # one round trip per op
     else:
         assert 1 <= rpcs <= ops
-        assert step() == 48.0  # the same calls again: predicted, queued, one round trip
+        assert step() == 48.0  # async: predicted and queued; rrto: the template is found here
         again = session.stats()
-        assert again["rpcs"] - after["rpcs"] == 1 and again["ops"] - after["ops"] == ops
+        assert step() == 48.0  # async: queued again; rrto: replayed
+        last = session.stats()
+        assert last["rpcs"] - again["rpcs"] == 1 and last["ops"] - again["ops"] == ops
+        assert session.inferences[-1]["phase"] == ("replay" if session.mode == "rrto" else
+                                                   "async")
     assert after["bytes_sent"] > before["bytes_sent"]
     assert after["bytes_received"] > before["bytes_received"]
     assert set(after) >= {"ops", "rpcs", "messages", "bytes_sent", "bytes_received"}

@@ -121,13 +121,13 @@ class Executor:
         metadata; the server is the authority and a difference is an error, never ignored.
         """
         op = resolve_op(name)
+        if not isinstance(args, list) or not isinstance(kwargs, dict):
+            raise ProtocolError("op args must be a list and kwargs a map")
         inputs: dict[int, int] = {}
 
         def bind(v: Any) -> Any:
             if isinstance(v, Handle):
-                t = self.tensor(v.id)
-                inputs[id(t)] = v.id
-                return t
+                return self.bind_handle(v.id, inputs)
             if isinstance(v, Payload):
                 if not 0 <= v.frame < len(frames):
                     raise ProtocolError(f"payload frame {v.frame} is missing")
@@ -136,13 +136,23 @@ class Executor:
                 return self.device
             return v
 
-        if not isinstance(args, list) or not isinstance(kwargs, dict):
-            raise ProtocolError("op args must be a list and kwargs a map")
-        bound_args = walk(args, bind)
-        bound_kwargs = walk(kwargs, bind)
+        return self.execute(op, name, walk(args, bind), walk(kwargs, bind), inputs, out, fetch,
+                            expect)
+
+    def bind_handle(self, handle: int, inputs: dict[int, int]) -> torch.Tensor:
+        """The tensor of ``handle``, noted in ``inputs`` so an output that is it maps back."""
+        t = self.tensor(handle)
+        inputs[id(t)] = handle
+        return t
+
+    def execute(
+        self, op: torch._ops.OpOverload, name: str, args: Any, kwargs: Any,
+        inputs: dict[int, int], out: int, fetch: bool, expect: list | None,
+    ) -> tuple[Any, list[memoryview]]:
+        """Run a resolved op on bound arguments (see :meth:`run`)."""
         try:
             with torch.no_grad():
-                result = op(*bound_args, **bound_kwargs)
+                result = op(*args, **kwargs)
         except Exception as e:  # every failure of the op is the client's to see
             raise OpError(name, str(e), type(e).__name__) from e
         answer = self._answer(name, result, inputs, out, fetch)

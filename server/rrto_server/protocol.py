@@ -30,6 +30,7 @@ EXT_PAYLOAD = 6  # msgpack [frame, dtype, shape, stride, storage_offset]: tensor
 EXT_COMPLEX = 7  # msgpack [real, imag]
 EXT_NEW_TENSOR = 8  # msgpack [handle, dtype, shape, stride, storage_offset]: an op's new output
 EXT_META = 9  # msgpack [dtype, shape, stride, storage_offset]: a predicted output's metadata
+EXT_SLOT = 10  # msgpack [kind, step, out]: a template argument filled in at replay time
 
 DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name)
@@ -94,6 +95,19 @@ class NewTensor:
 
 
 @dataclass(frozen=True)
+class Slot:
+    """A template argument: output ``out`` of step ``step`` of this instance (LOCAL), the next
+    carried-over handle of the replay request (CARRIED), or its next input payload (INPUT)."""
+
+    kind: int
+    step: int = 0
+    out: int = 0
+
+
+LOCAL, CARRIED, INPUT = 0, 1, 2
+
+
+@dataclass(frozen=True)
 class RemoteDevice:
     """The server's device, as named by a client that cannot know it."""
 
@@ -141,6 +155,8 @@ def _default(obj: Any) -> msgpack.ExtType:
         return msgpack.ExtType(EXT_PAYLOAD, _pack_nested([obj.frame, *_meta_fields(obj.meta)]))
     if isinstance(obj, NewTensor):
         return msgpack.ExtType(EXT_NEW_TENSOR, _pack_nested([obj.handle, *_meta_fields(obj.meta)]))
+    if isinstance(obj, Slot):
+        return msgpack.ExtType(EXT_SLOT, _pack_nested([obj.kind, obj.step, obj.out]))
     if isinstance(obj, TensorMeta):
         return msgpack.ExtType(EXT_META, _pack_nested(_meta_fields(obj)))
     if isinstance(obj, complex):
@@ -178,6 +194,10 @@ def _ext_hook(code: int, data: bytes) -> Any:
             return NewTensor(int(inner[0]), _meta_from(inner[1:]))
         if code == EXT_META:
             return _meta_from(inner)
+        if code == EXT_SLOT:
+            if inner[0] not in (LOCAL, CARRIED, INPUT):
+                raise ProtocolError(f"unknown slot kind {inner[0]!r}")
+            return Slot(int(inner[0]), int(inner[1]), int(inner[2]))
         if code == EXT_COMPLEX:
             return complex(inner[0], inner[1])
     except (TypeError, IndexError, ValueError) as e:

@@ -23,6 +23,7 @@ import zmq
 from rrto_server import device as devices
 from rrto_server.executor import Executor, OpError
 from rrto_server.protocol import Payload, ProtocolError, pack, tensor_from_frame, unpack
+from rrto_server.replay import Template, replay
 
 log = logging.getLogger("rrto_server")
 
@@ -41,6 +42,7 @@ class Session:
     sid: str
     executor: Executor
     events: devices.Events
+    templates: dict[int, Template] = field(default_factory=dict)
     last_seen: float = field(default_factory=time.monotonic)
     requests: int = 0
 
@@ -64,6 +66,8 @@ class Server:
         self._running = True
         self._handlers: dict[str, Callable[[Session, dict, list], Reply]] = {
             "op": self._op,
+            "template": self._template,
+            "replay": self._replay,
             "fetch": self._fetch,
             "device": self._device,
             "event": self._event,
@@ -156,6 +160,7 @@ class Server:
     def _end(self, session: Session, why: str) -> None:
         freed = session.executor.free_all()
         session.events.clear()
+        session.templates.clear()
         self.sessions.pop(session.sid, None)
         log.info("session %s ended (%s); %d tensors freed", session.sid[:8], why, freed)
 
@@ -181,6 +186,9 @@ class Server:
             if not isinstance(entry, dict):
                 raise ProtocolError("each queued op must be a map")
             try:
+                if "template" in entry:
+                    replay(session.executor, Server._find_template(session, entry), entry, frames)
+                    continue
                 session.executor.run(entry.get("op"), entry.get("args", []),
                                      entry.get("kwargs", {}), entry.get("out", 0), False, frames,
                                      expect=entry.get("expect"))
@@ -196,6 +204,25 @@ class Server:
             header.get("op"), header.get("args", []), header.get("kwargs", {}), out,
             bool(header.get("fetch")), frames,
         )
+        return {"result": result}, out_frames
+
+    def _template(self, session: Session, header: dict, frames: list) -> Reply:
+        tid = header.get("template")
+        if not isinstance(tid, int):
+            raise ProtocolError("'template' must be an integer id")
+        session.templates[tid] = Template.parse(header.get("steps"))
+        return {"result": len(session.templates[tid].steps)}, []
+
+    @staticmethod
+    def _find_template(session: Session, header: dict) -> Template:
+        template = session.templates.get(header.get("template"))  # type: ignore[arg-type]
+        if template is None:
+            raise ProtocolError(f"template {header.get('template')!r} is not registered")
+        return template
+
+    def _replay(self, session: Session, header: dict, frames: list) -> Reply:
+        result, out_frames = replay(session.executor, self._find_template(session, header),
+                                    header, frames)
         return {"result": result}, out_frames
 
     def _fetch(self, session: Session, header: dict, frames: list) -> Reply:
