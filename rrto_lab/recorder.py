@@ -79,12 +79,13 @@ class Recorder:
     def search(self) -> SequenceResult:
         """Search the history, which ends at a sync point (see the module docstring)."""
         coarse = [r.name for r in self.records]
-        level1 = find_sequence(coarse, min_repeats=self.min_repeats)
+        level1 = find_sequence(coarse, min_repeats=self.min_repeats, min_period=2)
         if not level1.found:
             self.last_result = level1
             return level1
         fine = [self.fine_token(i, level1.period) for i in range(len(coarse))]
-        self.last_result = find_sequence(coarse, fine, min_repeats=self.min_repeats)
+        self.last_result = find_sequence(coarse, fine, min_repeats=self.min_repeats,
+                                         min_period=2)
         return self.last_result
 
     def fine_token(self, i: int, period: int) -> tuple:

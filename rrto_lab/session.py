@@ -48,7 +48,7 @@ _REMOTE = RemoteDevice()
 _CPU = torch.device("cpu")
 
 
-def connect(address: str | None = None, *, mode: str = "rpc", token: str | None = None,
+def connect(address: str | None = None, *, mode: str = "rrto", token: str | None = None,
             timeout_s: float = 30.0, heartbeat_s: float = 10.0) -> Session:
     """Open a session with an rrto server.
 
@@ -379,11 +379,19 @@ class Session:
     def _start_instance(self, template: replay.Template, prev: Any) -> replay.Instance:
         self.instance = replay.Instance(template, self._next_handle, prev)
         self._next_handle += template.n_outputs
+        if self.recorder is not None:
+            self.recorder.clear()  # replayed ops are not recorded: the history restarts after
         return self.instance
 
     def _replay(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         """The op's outputs from the current template, or _NOT_REPLAYED (it diverged)."""
         inst = self.instance
+        if inst is not None and not inst.match(func, args, kwargs):
+            if inst.cursor > 0:
+                self._diverge(inst)
+                return _NOT_REPLAYED
+            self.instance = inst = None  # a new inference, but maybe of another template
+            self._boundary = True
         if inst is None:
             if not (self._boundary and self.templates):
                 self._boundary = False
@@ -392,9 +400,6 @@ class Session:
             inst = self._enter(func, args, kwargs)
             if inst is None:
                 return _NOT_REPLAYED
-        elif not inst.match(func, args, kwargs):
-            self._diverge(inst)
-            return _NOT_REPLAYED
         self.telemetry.op("replay")
         step = inst.template.steps[inst.cursor]
         if step.kind in (recorder.FETCH, recorder.VALUE):
@@ -411,10 +416,9 @@ class Session:
                ) -> replay.Instance | None:
         """At a sync boundary, start a known template whose first step this op is."""
         for template in reversed(list(self.templates.values())):
-            inst = replay.Instance(template, self._next_handle, None)
-            if inst.match(func, args, kwargs):
-                self._next_handle += template.n_outputs
-                self.instance = inst
+            if replay.Instance(template, self._next_handle, None).match(func, args, kwargs):
+                inst = self._start_instance(template, None)
+                inst.match(func, args, kwargs)  # again, to keep its inputs on this instance
                 return inst
         return None
 

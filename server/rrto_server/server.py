@@ -132,17 +132,23 @@ class Server:
                                 "connect again")
         session.last_seen = time.monotonic()
         session.requests += 1
-        ops = header.get("ops")
-        if ops:
-            self._run_queued(session, ops, frames)
-        free = header.get("free")
-        if free:
-            if not isinstance(free, list) or not all(isinstance(h, int) for h in free):
-                raise ProtocolError("'free' must be a list of handles")
-            session.executor.free(free)
         handler = self._handlers.get(kind)  # type: ignore[arg-type]
         if handler is None:
             raise ProtocolError(f"unknown request type {kind!r}")
+        free = header.get("free") or []
+        if not isinstance(free, list) or not all(isinstance(h, int) for h in free):
+            raise ProtocolError("'free' must be a list of handles")
+        ops = header.get("ops")
+        if ops:
+            self._run_queued(session, ops, frames)
+        # Frees come after the work issued before them. A replay (or fetch) request holds steps
+        # the client matched before it dropped some of their tensors, so it runs first; other
+        # requests (memory queries, bye) see the frees.
+        if kind in ("replay", "fetch"):
+            answer = handler(session, header, frames)
+            session.executor.free(free)
+            return answer
+        session.executor.free(free)
         return handler(session, header, frames)
 
     def _housekeeping(self) -> None:
