@@ -24,10 +24,11 @@ READY = "rrto-server listening on "
 class EmbeddedServer:
     """Start an ``rrto-server`` child and learn its address from its ready line."""
 
-    def __init__(self, device: str = "auto", timeout_s: float = 60.0) -> None:
+    def __init__(self, device: str = "auto", timeout_s: float = 60.0, tcp: bool = False) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="rrto-")
         os.chmod(self._dir.name, 0o700)
-        listen = f"ipc://{self._dir.name}/server.sock"
+        # ipc by default (private to this user); tcp on loopback when a link must sit in front
+        listen = "tcp://127.0.0.1:0" if tcp else f"ipc://{self._dir.name}/server.sock"
         cmd = [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", device,
                "--exit-with-parent", "--session-timeout", "0"]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,

@@ -26,6 +26,7 @@ from rrto_lab import aten, backend, intercept, meta_cache, recorder, replay
 from rrto_lab.client import Connection, Heartbeat
 from rrto_lab.embedded import EmbeddedServer
 from rrto_lab.errors import RrtoError, SessionClosed
+from rrto_lab.link import LinkProcess, LinkSpec
 from rrto_lab.remote_tensor import RemoteTensor
 from rrto_lab.sequence_search import SequenceResult
 from rrto_lab.telemetry import Telemetry
@@ -49,25 +50,36 @@ _CPU = torch.device("cpu")
 
 
 def connect(address: str | None = None, *, mode: str = "rrto", token: str | None = None,
-            timeout_s: float = 30.0, heartbeat_s: float = 10.0) -> Session:
+            timeout_s: float = 30.0, heartbeat_s: float = 10.0,
+            link: dict | LinkSpec | None = None) -> Session:
     """Open a session with an rrto server.
 
     ``address`` is a ZeroMQ endpoint (``tcp://gpu-lab:5555``, ``ipc:///path``); without one,
     the ``RRTO_SERVER`` environment variable; without that, an embedded ``rrto-server`` child
-    process that ends with the session. ``token`` defaults to ``RRTO_TOKEN``. The session is not
-    active until :meth:`Session.activate` (or a ``with`` block).
+    process that ends with the session. ``token`` defaults to ``RRTO_TOKEN``. ``mode`` is one of
+    ``rpc`` (one round trip per op), ``async`` (ops queued, one round trip per sync point) and
+    ``rrto`` (record, then replay: about one round trip per inference). ``link``
+    (``{"rtt_ms": 10, "mbps": 50}``) puts an emulated network link (:mod:`rrto_lab.link`) in
+    front of the server. The session is not active until :meth:`Session.activate` (or ``with``).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     address = address or os.environ.get("RRTO_SERVER") or None
     token = token if token is not None else os.environ.get("RRTO_TOKEN")
-    embedded = EmbeddedServer(timeout_s=max(timeout_s, 60.0)) if address is None else None
+    spec = LinkSpec(**link) if isinstance(link, dict) else link
+    helpers: list[Any] = []
     try:
-        return Session(embedded.address if embedded else address, mode=mode, token=token,
-                       timeout_s=timeout_s, heartbeat_s=heartbeat_s, embedded=embedded)
+        if address is None:
+            helpers.append(EmbeddedServer(timeout_s=max(timeout_s, 60.0), tcp=spec is not None))
+            address = helpers[-1].address
+        if spec is not None:
+            helpers.append(LinkProcess(address, spec))
+            address = helpers[-1].address
+        return Session(address, mode=mode, token=token, timeout_s=timeout_s,
+                       heartbeat_s=heartbeat_s, helpers=helpers)
     except BaseException:
-        if embedded is not None:
-            embedded.stop()
+        for helper in reversed(helpers):
+            helper.stop()
         raise
 
 
@@ -75,10 +87,12 @@ class Session:
     """One client of one rrto server: its tensors, its counters, its activation."""
 
     def __init__(self, address: str, *, mode: str, token: str | None, timeout_s: float,
-                 heartbeat_s: float, embedded: EmbeddedServer | None = None) -> None:
+                 heartbeat_s: float, helpers: list[Any] | None = None) -> None:
         self.address = address
         self.mode = mode
-        self.embedded = embedded
+        self.helpers = helpers or []  # processes this session started and ends: server, link
+        self.embedded = next((h for h in self.helpers if isinstance(h, EmbeddedServer)), None)
+        self.link = next((h.spec for h in self.helpers if isinstance(h, LinkProcess)), None)
         self.connection = Connection(address, timeout_s)
         self.closed = False
         self._next_handle = 1
@@ -150,8 +164,8 @@ class Session:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self.connection.close()
-            if self.embedded is not None:
-                self.embedded.stop()
+            for helper in reversed(self.helpers):
+                helper.stop()
 
     def __enter__(self) -> Session:
         return self.activate()
