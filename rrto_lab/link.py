@@ -170,13 +170,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# `python -m rrto_lab.link` would warn: importing the package already imported this module.
+_RUN = "import sys; from rrto_lab.link import main; sys.exit(main())"
+
+
 class LinkProcess:
     """An ``rrto-link`` child process in front of ``upstream``; its address once ready."""
 
     def __init__(self, upstream: str, spec: LinkSpec, timeout_s: float = 30.0) -> None:
         self.spec = spec
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "rrto_lab.link", "--upstream", upstream,
+            [sys.executable, "-c", _RUN, "--upstream", upstream,
              "--rtt-ms", str(spec.rtt_ms), "--mbps", str(spec.mbps)],
             stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
         deadline = time.monotonic() + timeout_s

@@ -214,11 +214,13 @@ class Session:
         frames, self._frames = self._frames, []
         c = self.connection
         sent, received = c.bytes_sent, c.bytes_received
+        reply: dict = {}
         try:
-            return c.request(header, frames)
+            reply, reply_frames = c.request(header, frames)
+            return reply, reply_frames
         finally:
             self.telemetry.round_trip(c.bytes_sent - sent, c.bytes_received - received,
-                                      self._phase)
+                                      reply.get("t", 0.0), self._phase)
 
     def release(self, handle: int) -> None:
         """Called when a RemoteTensor is garbage-collected; freed with the next request."""

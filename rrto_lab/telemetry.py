@@ -31,6 +31,7 @@ class InferenceRow:
     bytes_received: int = 0
     latency_s: float = 0.0
     client_cpu_s: float = 0.0
+    server_s: float = 0.0  # time the server spent on this inference's requests
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,13 +65,14 @@ class Telemetry:
         else:
             row.phase = phase
 
-    def round_trip(self, sent: int, received: int, phase: str) -> None:
+    def round_trip(self, sent: int, received: int, server_s: float, phase: str) -> None:
         self.rpcs += 1
         row = self._row(phase)
         row.rpcs += 1
         row.messages += 1
         row.bytes_sent += sent
         row.bytes_received += received
+        row.server_s += server_s
 
     def close_row(self) -> InferenceRow | None:
         row, self._open = self._open, None

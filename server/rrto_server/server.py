@@ -99,6 +99,7 @@ class Server:
 
     def _serve_one(self) -> None:
         parts = self.socket.recv_multipart(copy=False)
+        began = time.perf_counter()
         identity, frames = parts[0], parts[1:]
         header: dict[str, Any] = {}
         try:
@@ -106,7 +107,9 @@ class Server:
                 raise ProtocolError("empty message")
             header = unpack(frames[0].bytes)
             reply, out_frames = self._dispatch(header, [f.buffer for f in frames[1:]])
-            reply = {"id": header.get("id"), "ok": True, **reply}
+            devices.synchronize(self.device)  # so "t" is the device's time, not launch time
+            reply = {"id": header.get("id"), "ok": True, "t": time.perf_counter() - began,
+                     **reply}
         except OpError as e:
             reply, out_frames = self._error(header, e.kind, str(e), e.op), []
         except ProtocolError as e:
