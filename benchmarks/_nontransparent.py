@@ -86,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--listen", default="tcp://127.0.0.1:0")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0)
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     serve(args.listen, args.device)
     return 0
 

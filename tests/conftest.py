@@ -17,7 +17,8 @@ READY = "rrto-server listening on "
 def start_server(*extra: str, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, str]:
     """Start ``python -m rrto_server`` and wait for its ready line; return (process, address)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu", *extra],
+        [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu",
+         "--exit-with-parent", *extra],
         stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
     line = proc.stdout.readline()  # the server prints it once bound, or exits

@@ -56,7 +56,7 @@ def test_help_explains_every_option():
     out = subprocess.run([sys.executable, "-m", "rrto_server", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for option in ("--listen", "--device", "--token", "--token-file", "--session-timeout",
-                   "--exit-with-parent", "--log-level", "--version"):
+                   "--threads", "--exit-with-parent", "--log-level", "--version"):
         assert option in out
     assert "auto" in out and "cuda:N" in out
 

@@ -9,6 +9,8 @@ import signal
 import sys
 import warnings
 
+import torch
+
 from rrto_server import __version__
 from rrto_server.server import Server, ServerConfig
 
@@ -36,6 +38,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--session-timeout", type=float, default=120.0, metavar="SECONDS",
                    help="free a session's tensors after this long without any request or "
                         "heartbeat; 0 keeps sessions forever (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="CPU threads for ops on the CPU (torch.set_num_threads); 0 keeps "
+                        "torch's default. Use 1 when clients share this machine's cores "
+                        "(default: %(default)s)")
     p.add_argument("--exit-with-parent", action="store_true",
                    help="stop when the process that started this one exits (used by the "
                         "embedded server a notebook starts)")
@@ -59,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     # Payload frames are read-only ZeroMQ buffers; tensors over them are only ever read.
     warnings.filterwarnings("ignore", message="The given buffer is not writable")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     try:
         token = _token(args)
     except OSError as e:
