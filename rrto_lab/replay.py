@@ -47,6 +47,14 @@ class Step:
     offset: int
     expect: list[TensorMeta]
     kind: str  # recorder.QUEUED or SYNC: outputs known; FETCH / VALUE: needs an answer
+    checks: tuple = ()  # the compiled form of args (see _compile)
+    kwarg_checks: tuple = ()
+    aliases: bool = False  # whether an output is one of the inputs
+
+    def __post_init__(self) -> None:
+        self.checks = tuple(_compile(a, self) for a in self.args)
+        self.kwarg_checks = tuple((k, _compile(v, self)) for k, v in self.kwargs.items())
+        self.aliases = _has_alias(self.spec)
 
 
 @dataclass
@@ -120,6 +128,9 @@ def build(rec: Recorder, period: int, template_id: int, key: tuple) -> Template 
         expect = metas(r.spec)
         steps.append(Step(r.func, r.name, args, kwargs, r.spec, offset, expect, r.kind))
         offset += len(r.outputs)
+    for step in steps:  # local references become offsets within an instance, once
+        step.checks = tuple(_resolve_local(c, steps) for c in step.checks)
+        step.kwarg_checks = tuple((k, _resolve_local(c, steps)) for k, c in step.kwarg_checks)
     if steps[-1].kind not in (recorder.FETCH, recorder.VALUE):
         return "the period does not end where data comes back to the notebook"
     return Template(template_id, steps, key, offset, last_outputs(rec, period))
@@ -147,24 +158,78 @@ class Instance:
     def match(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> bool:
         """Whether the op is the next step; if so its inputs and carried handles are kept."""
         step = self.template.steps[self.cursor]
-        if func is not step.func:
+        if func is not step.func or len(args) != len(step.checks) \
+                or len(kwargs) != len(step.kwarg_checks):
             return False
         mark = (len(self.inputs), len(self.carried))
-        if _match(args, step.args, self) and _match(kwargs, step.kwargs, self):
-            return True
+        for actual, check in zip(args, step.checks):  # noqa: B905 (lengths checked above)
+            if not self._check(actual, check):
+                break
+        else:
+            for key, check in step.kwarg_checks:
+                if key not in kwargs or not self._check(kwargs[key], check):
+                    break
+            else:
+                return True
         del self.inputs[mark[0]:], self.carried[mark[1]:]
         return False
+
+    def _check(self, actual: Any, check: tuple) -> bool:
+        kind, value = check
+        if kind is _LOCAL:
+            return type(actual) is RemoteTensor and actual._rrto_handle == self.base + value
+        if kind is _PARAM:
+            return type(actual) is RemoteTensor and actual._rrto_handle == value
+        if kind is _CONST:
+            return type(actual) is type(value) and actual == value  # value is never nan
+        return _match(actual, value, self)
 
     def outputs(self, args: tuple, kwargs: dict, make: Any) -> Any:
         """The outputs of the step just matched, made by ``make(handle, meta)``."""
         step = self.template.steps[self.cursor]
-        return _outputs(step.spec, aten.tensors(args, kwargs), make,
-                        [self.base + step.offset])
+        inputs = aten.tensors(args, kwargs) if step.aliases else []
+        return _outputs(step.spec, inputs, make, [self.base + step.offset])
 
     def segment(self, stop: int) -> dict:
         """The request body that runs steps ``start..stop`` (inputs as payload placeholders)."""
         return {"template": self.template.id, "base": self.base, "start": self.start,
                 "stop": stop, "carried": self.carried}
+
+
+_LOCAL, _PARAM, _CONST, _TREE = "local", "param", "const", "tree"
+
+
+def _special(spec: Any) -> bool:
+    if isinstance(spec, (Slot, Handle, InputSpec, RemoteDevice)):
+        return True
+    if isinstance(spec, (list, tuple)):
+        return any(_special(s) for s in spec)
+    if isinstance(spec, dict):
+        return any(_special(s) for s in spec.values())
+    return False
+
+
+def _compile(spec: Any, step: Step) -> tuple[str, Any]:
+    """A fast check for the common arguments: a handle, or a constant; a tree otherwise."""
+    if isinstance(spec, Handle):
+        return _PARAM, spec.id
+    if isinstance(spec, Slot) and spec.kind == LOCAL:
+        return _LOCAL, spec  # the offset is known once every step is built
+    if not _special(spec) and not (isinstance(spec, float) and spec != spec):
+        return _CONST, spec
+    return _TREE, spec
+
+
+def _resolve_local(check: tuple[str, Any], steps: list[Step]) -> tuple[str, Any]:
+    if check[0] is _LOCAL:
+        return _LOCAL, steps[check[1].step].offset + check[1].out
+    return check
+
+
+def _has_alias(spec: Any) -> bool:
+    if isinstance(spec, meta_cache.Alias):
+        return True
+    return isinstance(spec, (list, tuple)) and any(_has_alias(s) for s in spec)
 
 
 def _outputs(spec: Any, inputs: list[torch.Tensor], make: Any, handle: list[int]) -> Any:

@@ -227,10 +227,16 @@ def unpack(data: bytes) -> dict:
 
 def walk(tree: Any, leaf: Callable[[Any], Any]) -> Any:
     """Rebuild a tree of lists/tuples/dicts, replacing each non-container value by ``leaf(v)``."""
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(walk(v, leaf) for v in tree)
-    if isinstance(tree, dict):
+    kind = type(tree)
+    if kind is list:
+        return [walk(v, leaf) for v in tree]
+    if kind is tuple:
+        return tuple([walk(v, leaf) for v in tree])
+    if kind is dict:
         return {k: walk(v, leaf) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):  # subclasses (torch.Size, named tuples) become plain
+        return type(tree)(walk(v, leaf) for v in tree) if kind is not torch.Size \
+            else [walk(v, leaf) for v in tree]
     return leaf(tree)
 
 

@@ -43,6 +43,31 @@ class Step:
     offset: int  # handle of the first new output, relative to the instance base
     expect: list[TensorMeta]
     fetch: bool  # the step's outputs go back as data (``.cpu()``) and are not kept
+    binders: tuple = ()  # args compiled for the loop (see _compile)
+    kw_binders: tuple = ()
+
+    def __post_init__(self) -> None:
+        self.binders = tuple(_compile(a) for a in self.args)
+        self.kw_binders = tuple((k, _compile(v)) for k, v in self.kwargs.items())
+
+
+_PARAM, _LOCAL, _CONST, _TREE = 0, 1, 2, 3
+
+
+def _special(v: Any) -> bool:
+    if isinstance(v, (Slot, Handle, RemoteDevice)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return any(_special(x) for x in v)
+    return False
+
+
+def _compile(v: Any) -> tuple[int, Any]:
+    if isinstance(v, Handle):
+        return _PARAM, v.id
+    if isinstance(v, Slot) and v.kind == LOCAL:
+        return _LOCAL, v  # made relative once every step's offset is known
+    return (_TREE, v) if _special(v) else (_CONST, v)
 
 
 @dataclass
@@ -66,7 +91,17 @@ class Template:
             walk([s["args"], s["kwargs"]], lambda v, i=i: _check_slot(v, i))
             steps.append(Step(resolve_op(s.get("op")), s["op"], s["args"], s["kwargs"], offset,
                               expect, bool(s.get("fetch"))))
+        for step in steps:
+            step.binders = tuple(_relative(b, steps) for b in step.binders)
+            step.kw_binders = tuple((k, _relative(b, steps)) for k, b in step.kw_binders)
         return cls(steps)
+
+
+def _relative(binder: tuple[int, Any], steps: list[Step]) -> tuple[int, Any]:
+    if binder[0] == _LOCAL:
+        slot = binder[1]
+        return _LOCAL, steps[slot.step].offset + slot.out
+    return binder
 
 
 def _check_slot(v: Any, step: int) -> None:
@@ -84,30 +119,43 @@ def replay(executor: Executor, template: Template, request: dict, frames: list
         raise ProtocolError("replay needs integer base, start, stop within the template")
     inputs, carried = iter(request.get("inputs") or ()), iter(request.get("carried") or ())
     answer: tuple[Any, list] = (None, [])
+    tensors, bind_handle = executor.tensors, executor.bind_handle
     for k in range(start, stop):
         step = steps[k]
         seen: dict[int, int] = {}
 
         def bind(v: Any, step: Step = step, seen: dict[int, int] = seen) -> Any:
             if isinstance(v, Slot):
-                if v.kind == LOCAL:
-                    return executor.bind_handle(base + steps[v.step].offset + v.out, seen)
                 if v.kind == CARRIED:
-                    return executor.bind_handle(_next(carried, int, step), seen)
+                    return bind_handle(_next(carried, int, step), seen)
                 payload = _next(inputs, Payload, step)
                 if not 0 <= payload.frame < len(frames):
                     raise ProtocolError(f"payload frame {payload.frame} is missing")
                 return tensor_from_frame(payload.meta, frames[payload.frame])
             if isinstance(v, Handle):
-                return executor.bind_handle(v.id, seen)
+                return bind_handle(v.id, seen)
             if isinstance(v, RemoteDevice):
                 return executor.device
             return v
 
+        def arg(binder: tuple[int, Any], bind: Any = bind, seen: dict[int, int] = seen) -> Any:
+            kind, value = binder
+            if kind == _CONST:
+                return value
+            if kind == _TREE:
+                return walk(value, bind)
+            handle = value if kind == _PARAM else base + value
+            t = tensors.get(handle)
+            if t is None:
+                return bind_handle(handle, seen)  # raises the unknown-handle error
+            seen[id(t)] = handle
+            return t
+
         try:
-            answer = executor.execute(step.op, step.name, walk(step.args, bind),
-                                      walk(step.kwargs, bind), seen, base + step.offset,
-                                      step.fetch, None if step.fetch else step.expect)
+            answer = executor.execute(
+                step.op, step.name, [arg(b) for b in step.binders],
+                {key: arg(b) for key, b in step.kw_binders}, seen, base + step.offset,
+                step.fetch, None if step.fetch else step.expect)
         except OpError as e:
             raise OpError(e.op, f"{e} (replay step {k} of {len(steps)})", e.kind) from None
     return answer

@@ -55,6 +55,7 @@ class Server:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
+        torch.set_grad_enabled(False)  # ops run below autograd: the client's autograd drives them
         self.device = devices.pick_device(config.device)
         self.info = devices.describe(self.device)
         self.sessions: dict[str, Session] = {}
