@@ -147,15 +147,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--links", default=",".join(LINKS), help="comma-separated (%(default)s)")
     p.add_argument("--inferences", type=int, default=7, help="timed inferences per cell")
     p.add_argument("--device", default="auto", help="the servers' device (default: auto)")
-    p.add_argument("--server-threads", type=int, default=1,
-                   help="CPU threads of both servers: client, servers and links share this "
-                        "machine's cores, and oversubscribed threads stall (default: 1)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for the local runs and for both servers: client, servers "
+                        "and links share this machine's cores, and oversubscribed threads "
+                        "stall (default: 1)")
     p.add_argument("--out", default="benchmarks/results/offload.json")
     args = p.parse_args(argv)
     models, links = args.models.split(","), args.links.split(",")
     n = args.inferences
+    torch.set_num_threads(args.threads)  # local runs compute with what each server gets
     locals_ = {m: run_local(m, n) for m in models}  # before the servers start: a quiet CPU
-    threads = ["--threads", str(args.server_threads)]
+    threads = ["--threads", str(args.threads)]
     server, server_addr = _start([sys.executable, "-m", "rrto_server", "--listen",
                                   "tcp://127.0.0.1:0", "--device", args.device, *threads],
                                  "rrto-server listening on ")

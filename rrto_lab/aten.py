@@ -24,6 +24,14 @@ def op_name(func: torch._ops.OpOverload) -> str:
                     "ops (custom operators need to run on the CPU)")
 
 
+@cache
+def aliases(func: torch._ops.OpOverload) -> bool:
+    """Whether an output may alias an input (views, in-place and out= ops): only those need
+    ``return_and_correct_aliasing``."""
+    schema = func._schema
+    return any(a.alias_info is not None for a in (*schema.arguments, *schema.returns))
+
+
 def tensors(args: tuple, kwargs: dict) -> list[torch.Tensor]:
     """The tensor arguments of a call, flattened in order (the positions ``Alias`` refers to)."""
     found: list[torch.Tensor] = []

@@ -267,8 +267,9 @@ class Session:
     def _finish(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Any:
         if func in aten.RESIZES:
             return aten.resized(func, args, kwargs)
-        if isinstance(out, torch.Tensor) and not isinstance(out, RemoteTensor):
-            return out  # fetched data
+        if not aten.aliases(func) or (isinstance(out, torch.Tensor)
+                                      and not isinstance(out, RemoteTensor)):
+            return out  # nothing to alias, or fetched data
         return return_and_correct_aliasing(func, args, kwargs, out)
 
     @property

@@ -18,7 +18,7 @@ def start_server(*extra: str, listen: str = "tcp://127.0.0.1:0") -> tuple[subpro
     """Start ``python -m rrto_server`` and wait for its ready line; return (process, address)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu",
-         "--exit-with-parent", *extra],
+         "--exit-with-parent", "--threads", "1", *extra],
         stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
     )
     line = proc.stdout.readline()  # the server prints it once bound, or exits
