@@ -68,11 +68,59 @@ def resized(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> torch.Ten
     memory_format = kwargs.get("memory_format") or (args[2] if len(args) > 2 else None)
     stride = torch.empty(size, device="meta", memory_format=memory_format
                          or torch.contiguous_format).stride()
+    set_meta(t, size, stride, t.storage_offset())
+    return t
+
+
+def set_meta(t: torch.Tensor, size: Any, stride: Any, offset: int) -> None:
+    """Change a wrapper's shape, strides and offset without dispatching anywhere."""
     with torch.utils._mode_utils.no_dispatch():
         meta_in_tls = torch._C._meta_in_tls_dispatch_include()
         torch._C._set_meta_in_tls_dispatch_include(True)
         try:
-            aten.as_strided_.default(t, size, stride, t.storage_offset())
+            aten.as_strided_.default(t, size, stride, offset)
         finally:
             torch._C._set_meta_in_tls_dispatch_include(meta_in_tls)
-    return t
+
+
+@cache
+def out_arguments(func: torch._ops.OpOverload) -> tuple[str, ...]:
+    """The names of an op's ``out=`` arguments (which the op may resize)."""
+    return tuple(a.name for a in func._schema.arguments if a.is_out)
+
+
+def resize_outs(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
+    """Give ``out=`` wrappers the shape the op gave the real tensors (it may resize them).
+
+    The op runs once more on meta copies of its arguments, which computes exactly that; an op
+    whose meta kernel cannot say (data-dependent shapes) keeps the metadata it had.
+    """
+    from rrto_lab.meta_cache import _to_meta
+
+    margs = _to_meta(args)
+    mkwargs = {k: _to_meta(v) for k, v in kwargs.items()}
+    try:
+        with torch.utils._mode_utils.no_dispatch():
+            func(*margs, **mkwargs)
+    except Exception:
+        return
+    for name in out_arguments(func):
+        real, meta = kwargs.get(name), mkwargs.get(name)
+        for r, m in zip(*((x if isinstance(x, (list, tuple)) else [x]) for x in (real, meta)),
+                        strict=False):
+            if isinstance(r, torch.Tensor) and (r.shape, r.stride()) != (m.shape, m.stride()):
+                set_meta(r, m.shape, m.stride(), m.storage_offset())
+
+
+@cache
+def decomposes(func: torch._ops.OpOverload) -> bool:
+    """Whether the op is a composite that runs as other ops (it reached us below autograd)."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(),
+                                                          "CompositeImplicitAutograd")
+
+
+@cache
+def python_composite(func: torch._ops.OpOverload) -> bool:
+    """A non-ATen op with a kernel of its own that only calls other ops (a custom op)."""
+    return func.namespace != "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), "CompositeExplicitAutograd")

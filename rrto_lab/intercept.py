@@ -37,6 +37,7 @@ class _Activation:
         self.session = session
         self.saved: list[tuple[Any, str, Any]] = []
         self.library: torch.library.Library | None = None
+        self.aten_library: torch.library.Library | None = None
         self.swap_before = torch.__future__.get_swap_module_params_on_conversion()
 
     def patch(self, owner: Any, name: str, value: Any) -> None:
@@ -81,6 +82,10 @@ def install(session: Session) -> None:
         fallback = _make_fallback(session)
         act.library.fallback(fallback, "CUDA")
         act.library.fallback(fallback, "PrivateUse1")
+        # C++ code that copies host data into a remote tensor with the Python key excluded
+        # (list indices) reaches PrivateUse1; a fallback there trips an assert, a kernel works.
+        act.aten_library = torch.library.Library("aten", "IMPL")
+        act.aten_library.impl("copy_", _make_copy(session), "PrivateUse1")
         autocast.install(act.patch)
         torch.__future__.set_swap_module_params_on_conversion(True)
         backend.set_answer(session.device_query)
@@ -101,8 +106,9 @@ def uninstall() -> None:
 def _undo(act: _Activation) -> None:
     backend.set_answer(None)
     torch.__future__.set_swap_module_params_on_conversion(act.swap_before)
-    if act.library is not None:
-        act.library._destroy()
+    for library in (act.library, act.aten_library):
+        if library is not None:
+            library._destroy()
     autocast.uninstall()
     act.restore()
 
@@ -186,6 +192,13 @@ def _is_pinned(self: torch.Tensor, device: Any = None) -> bool:
 
 
 # -- dispatch-key fallbacks ------------------------------------------------------------------
+def _make_copy(session: Session):  # noqa: ANN202
+    def copy_(self: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
+        return session.dispatch(torch.ops.aten.copy_.default, (self, src, non_blocking), {})
+
+    return copy_
+
+
 def _make_fallback(session: Session):  # noqa: ANN202
     def fallback(op: torch._ops.OpOverload, *args: Any, **kwargs: Any) -> Any:
         return session.dispatch(op, args, kwargs)

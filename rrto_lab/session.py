@@ -45,6 +45,7 @@ log = logging.getLogger("rrto_lab.session")
 MODES = ("rpc", "async", "rrto")
 _NOT_REPLAYED = object()
 _ops = torch.ops.aten
+_COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 _REMOTE = RemoteDevice()
 _CPU = torch.device("cpu")
 
@@ -241,6 +242,12 @@ class Session:
     def dispatch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         """Run one intercepted ATen op on the server; return what the op returns locally."""
         self._check_open()
+        if aten.decomposes(func):
+            out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        if aten.python_composite(func):
+            return func.redispatch(_COMPOSITE, *args, **kwargs)
         if func is _ops.copy_.default and not isinstance(args[0], RemoteTensor):
             host = self.dispatch(_ops._to_copy.default, (args[1],), {"device": _CPU})
             return args[0].copy_(host, *args[2:], **kwargs)
@@ -267,6 +274,8 @@ class Session:
     def _finish(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Any:
         if func in aten.RESIZES:
             return aten.resized(func, args, kwargs)
+        if aten.out_arguments(func):
+            aten.resize_outs(func, args, kwargs)
         if not aten.aliases(func) or (isinstance(out, torch.Tensor)
                                       and not isinstance(out, RemoteTensor)):
             return out  # nothing to alias, or fetched data

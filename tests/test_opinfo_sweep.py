@@ -23,14 +23,11 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any
 
+import expecttest  # noqa: F401,E402  (common_methods_invocations needs it; a test dependency)
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
-
-import rrto_lab
-
-pytest.importorskip("expecttest")  # common_methods_invocations imports it
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+from torch.utils._pytree import tree_flatten
 
 SAMPLES_PER_OP = 5
 MIN_PASS_RATE = 0.97
@@ -133,21 +130,7 @@ def _offload_kwargs(kwargs: dict, upload: Uploader) -> dict:
 
 
 # -- comparison ----------------------------------------------------------------------------------
-def _host(remote: torch.Tensor, misaligned: Counter) -> torch.Tensor:
-    """``remote.cpu()``, moved to fresh memory (and counted) if its data is misaligned.
-
-    Fetched data may lie where ZeroMQ received it, at any byte offset, while kernels assume
-    aligned data (reading misaligned complex128 kills the process), so it is copied bytewise first.
-    """
-    t = remote.detach().cpu()
-    if t.numel() == 0 or t.data_ptr() % t.element_size() == 0:
-        return t
-    misaligned[t.dtype] += 1
-    storage = t.untyped_storage().clone()
-    return torch.empty(0, dtype=t.dtype).set_(storage, t.storage_offset(), t.shape, t.stride())
-
-
-def _compare(remote: Any, local: Any, *, random: bool, misaligned: Counter) -> None:
+def _compare(remote: Any, local: Any, *, random: bool) -> None:
     remote_leaves, remote_spec = tree_flatten(remote)
     local_leaves, local_spec = tree_flatten(local)
     if remote_spec != local_spec:
@@ -163,7 +146,7 @@ def _compare(remote: Any, local: Any, *, random: bool, misaligned: Counter) -> N
                 raise Mismatch(f"{where}remote {r.dtype}{list(r.shape)}, "
                                f"local {e.dtype}{list(e.shape)}")
             if not random:
-                torch.testing.assert_close(_host(r, misaligned), e.detach(), equal_nan=True,
+                torch.testing.assert_close(r.detach().cpu(), e.detach(), equal_nan=True,
                                            check_device=False, msg=lambda m, w=where: w + m)
         elif isinstance(e, float) and isinstance(r, float):
             if not (r == e or (math.isnan(r) and math.isnan(e)) or random):
@@ -173,7 +156,7 @@ def _compare(remote: Any, local: Any, *, random: bool, misaligned: Counter) -> N
 
 
 # -- one sample ----------------------------------------------------------------------------------
-def _run_sample(op: Any, op_name: str, sample: Any, misaligned: Counter) -> str:
+def _run_sample(op: Any, op_name: str, sample: Any) -> str:
     """``"pass"`` or ``"pass (both raise)"``; raises on a transparency failure."""
     upload = Uploader()
     remote_input = _map(sample.input, upload)
@@ -192,10 +175,10 @@ def _run_sample(op: Any, op_name: str, sample: Any, misaligned: Counter) -> str:
         raise Mismatch("the op raises locally but not when offloaded") from None
     actual = op(remote_input, *remote_args, **remote_kwargs)
     random = op_name in RANDOM
-    _compare(actual, expected, random=random, misaligned=misaligned)
+    _compare(actual, expected, random=random)
     for t, before in zip(local_tensors, versions, strict=True):  # what in-place ops mutated
         if t._version != before and id(t) in upload.remote_of:
-            _compare(upload.remote_of[id(t)], t, random=random, misaligned=misaligned)
+            _compare(upload.remote_of[id(t)], t, random=random)
     return "pass"
 
 
@@ -206,7 +189,6 @@ class Results:
     failed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     unsupported: Counter = field(default_factory=Counter)
     no_samples: dict[str, str] = field(default_factory=dict)
-    misaligned: Counter = field(default_factory=Counter)
     ops: int = 0
     seconds: float = 0.0
 
@@ -236,11 +218,6 @@ class Results:
                 lines.append(f"  {name} ({n}): {UNSUPPORTED[name]}")
         for name, error in sorted(self.no_samples.items()):
             lines.append(f"no samples from PyTorch for {name}: {error}")
-        if self.misaligned:
-            by_dtype = ", ".join(f"{n} {str(d).replace('torch.', '')}"
-                                 for d, n in self.misaligned.most_common())
-            lines.append(f"fetched tensors with misaligned data (copied before comparing): "
-                         f"{by_dtype}")
         return "\n".join(lines)
 
 
@@ -268,7 +245,7 @@ def sweep(samples_per_op: int = SAMPLES_PER_OP) -> Results:
                 continue
             try:
                 torch.manual_seed(0)
-                outcome = _run_sample(op, name, sample, results.misaligned)
+                outcome = _run_sample(op, name, sample)
             except Exception as e:  # every failure is one sample's, counted and reported
                 results.failed[name].append(_error_line(e))
                 continue
@@ -292,10 +269,7 @@ def test_opinfo_sweep(session):
     assert results.rate >= MIN_PASS_RATE, summary
 
 
-# -- rrto bugs the sweep found, pinned until fixed -----------------------------------------------
-@pytest.mark.xfail(strict=True, raises=rrto_lab.RemoteError,
-                   reason="rrto_server.executor._keep takes an output's handle, then fails on "
-                   "the sparse tensor; the client never learns of the handle and reuses it")
+# -- rrto bugs the sweep found, kept as regression tests ---------------------------------------
 @pytest.mark.parametrize("session", ["rpc"], indirect=True)
 def test_an_op_that_fails_to_answer_leaves_the_session_usable(session):
     try:
@@ -305,9 +279,6 @@ def test_an_op_that_fails_to_answer_leaves_the_session_usable(session):
     assert torch.ones(2, device="cuda").sum().item() == 2.0
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="rrto_server.protocol.tensor_from_frame views the ZeroMQ frame in place, "
-                   "at any byte offset: misaligned complex128 kills the process")
 @pytest.mark.parametrize("session", ["rpc"], indirect=True)
 def test_fetched_data_is_aligned(session):
     for n in (16, 100, 1000, 4096):

@@ -76,8 +76,10 @@ class Executor:
     def _keep(self, handle: int, t: torch.Tensor) -> None:
         if handle in self.tensors:
             raise ProtocolError(f"tensor handle {handle} is already in use")
-        self.tensors[handle] = t
+        if t.layout != torch.strided:
+            raise ValueError(f"a {t.layout} output cannot be kept: remote tensors are strided")
         storage = t.untyped_storage()
+        self.tensors[handle] = t
         key = storage.data_ptr()
         if key == 0:
             return
@@ -171,6 +173,21 @@ class Executor:
     def _answer(
         self, name: str, result: Any, inputs: dict[int, int], out: int, fetch: bool
     ) -> tuple[Any, list[memoryview]]:
+        """The wire form of an op's result; all or nothing: on failure no output is kept, so
+        the client (which never hears of them) can use those handles again."""
+        kept: list[int] = []
+        try:
+            return self._answer_all(name, result, inputs, out, fetch, kept)
+        except Exception as e:
+            self.free(kept)
+            if isinstance(e, (OpError, ProtocolError)):
+                raise
+            raise OpError(name, str(e), type(e).__name__) from e
+
+    def _answer_all(
+        self, name: str, result: Any, inputs: dict[int, int], out: int, fetch: bool,
+        kept: list[int],
+    ) -> tuple[Any, list[memoryview]]:
         out_frames: list[memoryview] = []
         next_handle = out
 
@@ -182,6 +199,7 @@ class Executor:
                 if fetch:
                     return self._payload(v, out_frames)
                 self._keep(next_handle, v)
+                kept.append(next_handle)
                 next_handle += 1
                 return NewTensor(next_handle - 1, meta_of(v))
             if isinstance(v, _SCALARS):
@@ -199,3 +217,4 @@ class Executor:
         meta, frame = tensor_to_frame(t.cpu())
         out_frames.append(frame)
         return Payload(len(out_frames) - 1, meta)
+

@@ -54,7 +54,7 @@ MEMORY_FORMATS = {
 MEMORY_FORMAT_NAMES = {fmt: name for name, fmt in MEMORY_FORMATS.items()}
 
 REMOTE = "remote"  # the device name a client uses for "the server's device"
-_OP_NAME = re.compile(r"^[a-z_][a-z0-9_]*(\.[A-Za-z0-9_]+)?$")
+_OP_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)?$")
 
 
 class ProtocolError(ValueError):
@@ -271,7 +271,10 @@ def tensor_from_frame(meta: TensorMeta, frame: bytes | memoryview) -> torch.Tens
     if span == 0:
         flat = torch.empty(0, dtype=meta.dtype)
     else:
-        flat = torch.frombuffer(view, dtype=torch.uint8, count=span * itemsize).view(meta.dtype)
+        raw = torch.frombuffer(view, dtype=torch.uint8, count=span * itemsize)
+        if raw.data_ptr() % 64:  # frames start at any byte offset; kernels assume alignment
+            raw = raw.clone()  # (misaligned complex128 crashed the process)
+        flat = raw.view(meta.dtype)
     return flat.as_strided(meta.shape, meta.stride, meta.offset)
 
 
