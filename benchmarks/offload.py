@@ -197,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     _print_targets(results)
+    print("\nas markdown (README.md):\n" + markdown(results))
     print(f"\nwrote {out}")
     return 0
 
@@ -212,6 +213,19 @@ def _print_cell(res: dict) -> None:
         print(f"  {mode:<15}{r['latency_ms']:>11.2f}{r['rpcs']:>6g}{r['bytes_up'] / 1e3:>8.1f}"
               f"{r['bytes_down'] / 1e3:>8.1f}{r['client_cpu_ms']:>14.2f}{server}  {tail}")
     print("  " + ", ".join(f"{k} {v:.3f}" for k, v in res["ratios"].items()))
+
+
+def markdown(results: list[dict]) -> str:
+    """The README's table: median ms per inference, and the ratios that matter."""
+    lines = ["| model | link | local | rpc | async | rrto | non-transparent | rrto/rpc "
+             "| rrto/non-transparent | client CPU rrto/async |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        q, r = res["modes"], res["ratios"]
+        cells = " | ".join(f"{q[m]['latency_ms']:.2f}" for m in MODES)
+        lines.append(f"| {res['model']} | {res['link']} | {cells} | {r['rrto/rpc']:.3f} | "
+                     f"{r['rrto/nontransparent']:.2f} | {r['cpu rrto/async']:.2f} |")
+    return "\n".join(lines)
 
 
 def _print_targets(results: list[dict]) -> None:
