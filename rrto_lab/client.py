@@ -77,6 +77,11 @@ class Connection:
         self.socket.close(0)
         self.socket = self._socket()
 
+    def reconnect(self, address: str) -> None:
+        """Talk to the same server by another route (an emulated link, or none); counters stay."""
+        self.address = address
+        self._reset()
+
     def close(self) -> None:
         self.socket.close(0)
 

@@ -1,18 +1,19 @@
-"""The embedded server: an ``rrto-server`` child process on a private ipc endpoint.
+"""The embedded server: an ``rrto-server`` child process on a private loopback endpoint.
 
-It is what makes ``rrto_lab.connect()`` work on a laptop with no configuration. The child runs
-with ``--exit-with-parent``, so it ends with the kernel even if the kernel is killed; a session
-ends it when it closes.
+It is what makes ``rrto_lab.connect()`` work on a laptop with no configuration. It listens on
+loopback TCP (so an emulated link can be put in front of it at any time) and requires a random
+token only this process knows. The child runs with ``--exit-with-parent``, so it ends with the
+kernel even if the kernel is killed; a session ends it when it closes.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import selectors
 import subprocess
 import sys
-import tempfile
 import time
 
 from rrto_lab.errors import ServerUnavailable
@@ -24,15 +25,13 @@ READY = "rrto-server listening on "
 class EmbeddedServer:
     """Start an ``rrto-server`` child and learn its address from its ready line."""
 
-    def __init__(self, device: str = "auto", timeout_s: float = 60.0, tcp: bool = False) -> None:
-        self._dir = tempfile.TemporaryDirectory(prefix="rrto-")
-        os.chmod(self._dir.name, 0o700)
-        # ipc by default (private to this user); tcp on loopback when a link must sit in front
-        listen = "tcp://127.0.0.1:0" if tcp else f"ipc://{self._dir.name}/server.sock"
-        cmd = [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", device,
-               "--exit-with-parent", "--session-timeout", "0"]
+    def __init__(self, device: str = "auto", timeout_s: float = 60.0) -> None:
+        self.token = secrets.token_hex(16)
+        cmd = [sys.executable, "-m", "rrto_server", "--listen", "tcp://127.0.0.1:0", "--device",
+               device, "--exit-with-parent", "--session-timeout", "0"]
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True,
-                                        stdin=subprocess.DEVNULL)
+                                        stdin=subprocess.DEVNULL,
+                                        env={**os.environ, "RRTO_SERVER_TOKEN": self.token})
         self.address, self.device_name = self._wait_ready(timeout_s)
         log.info("embedded rrto-server (pid %d) on %s", self.process.pid, self.address)
 
@@ -70,4 +69,3 @@ class EmbeddedServer:
                 self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
-        self._dir.cleanup()

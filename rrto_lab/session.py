@@ -67,33 +67,35 @@ def connect(address: str | None = None, *, mode: str = "rrto", token: str | None
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     address = address or os.environ.get("RRTO_SERVER") or None
     token = token if token is not None else os.environ.get("RRTO_TOKEN")
-    spec = LinkSpec(**link) if isinstance(link, dict) else link
-    helpers: list[Any] = []
+    embedded = EmbeddedServer(timeout_s=max(timeout_s, 60.0)) if address is None else None
     try:
-        if address is None:
-            helpers.append(EmbeddedServer(timeout_s=max(timeout_s, 60.0), tcp=spec is not None))
-            address = helpers[-1].address
-        if spec is not None:
-            helpers.append(LinkProcess(address, spec))
-            address = helpers[-1].address
-        return Session(address, mode=mode, token=token, timeout_s=timeout_s,
-                       heartbeat_s=heartbeat_s, helpers=helpers)
+        session = Session(embedded.address if embedded else address, mode=mode,
+                          token=embedded.token if embedded else token, timeout_s=timeout_s,
+                          heartbeat_s=heartbeat_s, embedded=embedded)
     except BaseException:
-        for helper in reversed(helpers):
-            helper.stop()
+        if embedded is not None:
+            embedded.stop()
         raise
+    if link is not None:
+        try:
+            session.set_link(link)
+        except BaseException:
+            session.close()
+            raise
+    return session
 
 
 class Session:
     """One client of one rrto server: its tensors, its counters, its activation."""
 
     def __init__(self, address: str, *, mode: str, token: str | None, timeout_s: float,
-                 heartbeat_s: float, helpers: list[Any] | None = None) -> None:
-        self.address = address
+                 heartbeat_s: float, embedded: EmbeddedServer | None = None) -> None:
+        self.address = address  # where requests go: the server, or a link in front of it
+        self.server_address = address
         self.mode = mode
-        self.helpers = helpers or []  # processes this session started and ends: server, link
-        self.embedded = next((h for h in self.helpers if isinstance(h, EmbeddedServer)), None)
-        self.link = next((h.spec for h in self.helpers if isinstance(h, LinkProcess)), None)
+        self.embedded = embedded  # the server process this session started, if any
+        self._link: LinkProcess | None = None
+        self._heartbeat_s = heartbeat_s
         self.connection = Connection(address, timeout_s)
         self.closed = False
         self._next_handle = 1
@@ -105,6 +107,7 @@ class Session:
         self.telemetry = Telemetry()
         self.recorder = recorder.Recorder() if mode == "rrto" else None
         self.templates: dict[tuple, replay.Template] = {}
+        self._template_ids = 0
         self.instance: replay.Instance | None = None
         self.search_notes: list[str] = []
         self._boundary = True
@@ -118,14 +121,67 @@ class Session:
             raise
         self.sid: str = reply["sid"]
         self.device_info: dict[str, Any] = reply["device"]
-        self._heartbeat = Heartbeat(address, self.sid, heartbeat_s) if heartbeat_s > 0 else None
-        if self._heartbeat is not None:
-            self._heartbeat.start()
+        self._heartbeat: Heartbeat | None = None
+        self._start_heartbeat()
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else ("active" if self.active else "inactive")
         return (f"<rrto Session {self.address} device={self.device_info.get('name')!r} "
                 f"mode={self.mode} {state}>")
+
+    def _start_heartbeat(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        self._heartbeat = None
+        if self._heartbeat_s > 0:
+            self._heartbeat = Heartbeat(self.address, self.sid, self._heartbeat_s)
+            self._heartbeat.start()
+
+    @property
+    def link(self) -> LinkSpec | None:
+        """The emulated link in front of the server, if any."""
+        return self._link.spec if self._link is not None else None
+
+    def set_link(self, link: dict | LinkSpec | None) -> None:
+        """Put an emulated link (``{"rtt_ms": 10, "mbps": 50}``) in front of the server, or
+        remove it (``None``); the session and its tensors carry on."""
+        self._check_open()
+        spec = LinkSpec(**link) if isinstance(link, dict) else link
+        if spec is not None and not self.server_address.startswith("tcp://"):
+            raise RrtoError(f"an emulated link forwards TCP only; the server is at "
+                            f"{self.server_address}. Start it with --listen tcp://HOST:PORT.")
+        new = LinkProcess(self.server_address, spec) if spec is not None else None
+        old, self._link = self._link, new
+        self.address = new.address if new is not None else self.server_address
+        self.connection.reconnect(self.address)
+        self._start_heartbeat()
+        if old is not None:
+            old.stop()
+
+    def set_mode(self, mode: str) -> None:
+        """Switch mode; queued work runs first, templates are kept for a return to ``rrto``."""
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        self._check_open()
+        self.flush()
+        self.telemetry.close_row()
+        self.instance = None
+        self.recorder = recorder.Recorder() if mode == "rrto" else None
+        self._boundary, self._diverged = True, False
+        self.mode = mode
+
+    def reset(self) -> None:
+        """Forget templates, the recorded history and all statistics (tensors stay)."""
+        self._check_open()
+        self.flush()
+        self.instance = None
+        self.templates.clear()
+        self.search_notes.clear()
+        if self.recorder is not None:
+            self.recorder = recorder.Recorder()
+        self.telemetry.reset()
+        self.connection.messages = self.connection.bytes_sent = 0
+        self.connection.bytes_received = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
@@ -165,8 +221,9 @@ class Session:
             if self._heartbeat is not None:
                 self._heartbeat.stop()
             self.connection.close()
-            for helper in reversed(self.helpers):
-                helper.stop()
+            for helper in (self._link, self.embedded):
+                if helper is not None:
+                    helper.stop()
 
     def __enter__(self) -> Session:
         return self.activate()
@@ -259,7 +316,7 @@ class Session:
             out = self._replay(func, args, kwargs)
             if out is not _NOT_REPLAYED:
                 return self._finish(func, args, kwargs, out)
-        self.telemetry.op(self._phase)
+        self.telemetry.op(self._phase, aten.op_name(func))
         if fetch:
             out = self._run(func, args, kwargs, fetch=True)
         elif self.mode == "rpc":
@@ -389,7 +446,8 @@ class Session:
                                    len(self.recorder.records)))
         template = self.templates.get(key)
         if template is None:
-            built = replay.build(self.recorder, result.period, len(self.templates) + 1, key)
+            self._template_ids += 1
+            built = replay.build(self.recorder, result.period, self._template_ids, key)
             if isinstance(built, str):
                 self.search_notes.append(built)
                 log.info("no replay: %s", built)
@@ -426,7 +484,7 @@ class Session:
             inst = self._enter(func, args, kwargs)
             if inst is None:
                 return _NOT_REPLAYED
-        self.telemetry.op("replay")
+        self.telemetry.op("replay", aten.op_name(func))
         step = inst.template.steps[inst.cursor]
         if step.kind in (recorder.FETCH, recorder.VALUE):
             out = self._replay_request(inst, inst.cursor + 1)

@@ -1,6 +1,7 @@
 """Telemetry: what every view reads — session totals and one row per inference.
 
-A row is one *inference*: before a template exists, the segment of ops between two sync points
+Per op, :attr:`Telemetry.trace` keeps (index, op, phase) for the newest ``keep`` ops. A row is
+one *inference*: before a template exists, the segment of ops between two sync points
 (a sync point is where the notebook needs data back: ``.cpu()``, ``.item()``, a data-dependent
 op); once replay runs, one template instance. The session calls :meth:`Telemetry.op` per
 intercepted op, :meth:`Telemetry.round_trip` per request, and :meth:`Telemetry.close_row` at
@@ -42,6 +43,7 @@ class Telemetry:
 
     def __init__(self, keep: int = 10_000) -> None:
         self.rows: deque[InferenceRow] = deque(maxlen=keep)
+        self.trace: deque[tuple[int, str, str]] = deque(maxlen=keep)  # (index, op, phase)
         self.ops = 0
         self.rpcs = 0
         self._index = 0
@@ -56,7 +58,8 @@ class Telemetry:
             self._cpu0 = time.process_time()
         return self._open
 
-    def op(self, phase: str) -> None:
+    def op(self, phase: str, name: str) -> None:
+        self.trace.append((self.ops, name, phase))
         self.ops += 1
         row = self._row(phase)
         row.ops += 1
@@ -86,5 +89,7 @@ class Telemetry:
 
     def reset(self) -> None:
         self.rows.clear()
+        self.trace.clear()
         self._open = None
         self._index = 0
+        self.ops = self.rpcs = 0

@@ -105,7 +105,7 @@ def test_bandwidth_paces_large_messages_intact(echo):
 def test_connect_with_a_link_puts_the_embedded_server_behind_it(monkeypatch):
     monkeypatch.delenv("RRTO_SERVER", raising=False)
     s = rrto_lab.connect(mode="rpc", link={"rtt_ms": 10, "mbps": 50})
-    link_proc = s.helpers[-1].process
+    link_proc = s._link.process
     try:
         assert s.link == LinkSpec(10, 50) and s.address != s.embedded.address
         with s:

@@ -206,7 +206,8 @@ def test_embedded_server_starts_on_demand_and_ends_with_the_session(monkeypatch)
     monkeypatch.delenv("RRTO_SERVER", raising=False)
     s = rrto_lab.connect()
     child = s.embedded.process
-    assert s.address.startswith("ipc://") and child.poll() is None
+    assert s.address.startswith("tcp://127.0.0.1:") and child.poll() is None
+    assert s.embedded.token  # loopback, but only this process knows the token
     with s:
         assert torch.arange(4, device="cuda").sum().item() == 6
     s.close()
