@@ -205,3 +205,25 @@ def test_notebook_on_a_real_kernel(server_address, tmp_path, monkeypatch):
     assert "mode        rrto" in text[3]
     assert "after False" in text[4]
     assert os.environ["RRTO_SERVER"] == server_address
+
+
+def test_token_file_and_link_defaults_from_config(ip, capsys, tmp_path):
+    from tests.conftest import start_server, stop_server
+
+    proc, address = start_server("--token", "t0ken")
+    try:
+        (tmp_path / "token").write_text("t0ken\n")
+        ip.run_line_magic("config", f"Rrto.server = {address!r}")
+        ip.run_line_magic("config", f"Rrto.token_file = {str(tmp_path / 'token')!r}")
+        ip.run_line_magic("config", "Rrto.link_rtt_ms = 3.0")
+        ip.run_line_magic("load_ext", "rrto")
+        assert address in out(capsys)
+        ip.run_line_magic("rrto", "link")
+        assert "rtt 3 ms" in out(capsys) and ip._rrto_magics.session.link.rtt_ms == 3.0
+        ip.run_cell("import torch; k = torch.ones(2).cuda().sum().item()")
+        assert ip.user_ns["k"] == 2.0
+        ip.run_line_magic("unload_ext", "rrto")
+    finally:
+        ip.run_line_magic("config", "Rrto.token_file = None")
+        ip.run_line_magic("config", "Rrto.link_rtt_ms = 0.0")
+        stop_server(proc)

@@ -185,3 +185,41 @@ def test_noise_between_inferences_is_filtered(rrto):
                 assert counter.item() == (i + 1) // 5  # a logging-style sync now and then
     assert rrto.inferences[-1]["phase"] == "replay"
     assert rrto.stats()["templates"] == 1
+
+
+def _bert() -> nn.Module:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                intermediate_size=128, vocab_size=1000)).eval()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bert"])
+def test_real_traces_find_one_inference_as_the_period(rrto, name):
+    """Operator Sequence Search on the token streams of unmodified models (issue: the search)."""
+    if name == "mlp":
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4)).eval()
+        inputs = [torch.randn(3, 16) for _ in range(5)]
+    elif name == "cnn":
+        model, inputs = cnn(), [torch.randn(2, 3, 8, 8) for _ in range(5)]
+    else:
+        model, inputs = _bert(), [torch.randint(0, 1000, (1, 12)) for _ in range(5)]
+    remote = copy.deepcopy(model).cuda()
+    found = []
+    with torch.no_grad():
+        for i, x in enumerate(inputs):
+            before = rrto.stats()["ops"]
+            y = remote(x.cuda())
+            (y.last_hidden_state if name == "bert" else y).cpu()
+            per_inference = rrto.stats()["ops"] - before
+            if rrto.search_result is not None and rrto.search_result.found and i >= 2:
+                found.append((rrto.search_result.period, per_inference))
+    assert found, rrto.search_result.explain()
+    period, per_inference = found[0]
+    assert period == per_inference  # the period is one whole inference, not a layer of it
+    assert rrto.inferences[-1]["phase"] == "replay"
