@@ -2,3 +2,13 @@
 
 Timings are printed and written as JSON under ``benchmarks/results/``; they are never asserted.
 """
+
+from pathlib import Path
+
+
+def shown(path: Path | str) -> str:
+    """``path`` relative to the working directory where it is inside it (for messages)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)

@@ -16,6 +16,8 @@ import time
 import traceback
 from pathlib import Path
 
+from benchmarks import shown
+
 PACKAGE = Path(__file__).resolve().parent
 RESULTS = PACKAGE / "results"
 
@@ -45,12 +47,6 @@ def json_files() -> dict[Path, int]:
         return {}
     return {p: p.stat().st_mtime_ns for p in RESULTS.rglob("*.json")}
 
-
-def shown(path: Path) -> str:
-    try:
-        return str(path.relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,25 +29,12 @@ import torch
 import rrto_lab
 from benchmarks import _nontransparent
 from benchmarks._models import MODELS, build, sample
+from rrto_lab.child import Child
 from rrto_lab.link import LinkProcess, LinkSpec
 
 LINKS = {"loopback": None, "5ms-100Mbit": LinkSpec(5, 100), "20ms-20Mbit": LinkSpec(20, 20)}
 MODES = ("local", "rpc", "async", "rrto", "nontransparent")
 RRTO_WARMUP = 6  # enough to record two periods and start replaying
-
-
-def _start(cmd: list[str], ready: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    line = proc.stdout.readline()  # type: ignore[union-attr]
-    if not line.startswith(ready):
-        proc.kill()
-        raise RuntimeError(f"{cmd[2]} did not start: {line!r}")
-    return proc, line[len(ready):].split()[0]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    proc.wait(10)
 
 
 def _median(values: list[float]) -> float:
@@ -158,11 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)  # local runs compute with what each server gets
     locals_ = {m: run_local(m, n) for m in models}  # before the servers start: a quiet CPU
     threads = ["--threads", str(args.threads)]
-    server, server_addr = _start([sys.executable, "-m", "rrto_server", "--listen",
-                                  "tcp://127.0.0.1:0", "--device", args.device, *threads],
-                                 "rrto-server listening on ")
-    nt, nt_addr = _start([sys.executable, "-m", "benchmarks._nontransparent", "--device",
-                          args.device, *threads], _nontransparent.READY)
+    server = Child([sys.executable, "-m", "rrto_server", "--listen", "tcp://127.0.0.1:0",
+                    "--device", args.device, *threads], "rrto-server listening on ")
+    nt = Child([sys.executable, "-m", "benchmarks._nontransparent", "--device", args.device,
+                *threads], _nontransparent.READY)
+    server_addr, nt_addr = server.ready.split()[0], nt.ready.split()[0]
     results: list[dict[str, Any]] = []
     began = time.perf_counter()
     try:
@@ -186,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                 for proxy in proxies:
                     proxy.stop()
     finally:
-        _stop(server)
-        _stop(nt)
+        server.stop()
+        nt.stop()
     report = {"benchmark": "offload", "inferences": n, "seconds": time.perf_counter() - began,
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "cpu": platform.processor() or platform.machine(),

@@ -23,7 +23,6 @@ import platform
 import pstats
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +35,8 @@ import torch
 import zmq
 
 import rrto_lab
+from benchmarks import shown
+from rrto_lab.child import Child
 from rrto_lab.client import Connection
 from rrto_server.executor import Executor
 from rrto_server.protocol import pack, unpack
@@ -149,54 +150,26 @@ def compare(case: Case, socket: zmq.Socket, ops: int, warmup: int, rounds: int) 
 
 
 # -- processes ---------------------------------------------------------------------------------
-def ready_address(proc: subprocess.Popen, ready: str) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    if not line.startswith(ready):
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"{' '.join(proc.args)!r} did not start (it printed {line!r}); "
-                           "its error is above")
-    return line[len(ready):].split()[0]
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    if proc.stdout is not None:
-        proc.stdout.close()
-
-
-# -- the run -----------------------------------------------------------------------------------
 def run(args: argparse.Namespace) -> dict:
-    echo = subprocess.Popen([sys.executable, "-m", "benchmarks.rpc_overhead", "--echo",
-                             "tcp://127.0.0.1:0"], stdout=subprocess.PIPE, text=True,
-                            stdin=subprocess.DEVNULL, cwd=Path(__file__).resolve().parents[1])
-    procs = [echo]
+    procs = [Child([sys.executable, "-m", "benchmarks.rpc_overhead", "--echo",
+                    "tcp://127.0.0.1:0"], ECHO_READY, what="the echo server")]
     try:
         address = args.address
         if address is None:
-            server = subprocess.Popen(
-                [sys.executable, "-m", "rrto_server", "--listen", "tcp://127.0.0.1:0",
-                 "--device", args.device], stdout=subprocess.PIPE, text=True,
-                stdin=subprocess.DEVNULL)
-            procs.append(server)
-            address = ready_address(server, SERVER_READY)
-        echo_address = ready_address(echo, ECHO_READY)
+            procs.append(Child([sys.executable, "-m", "rrto_server", "--listen",
+                                "tcp://127.0.0.1:0", "--device", args.device], SERVER_READY,
+                               what="rrto-server"))
+            address = procs[-1].ready.split()[0]
         socket = zmq.Context.instance().socket(zmq.DEALER)
         socket.setsockopt(zmq.LINGER, 0)
-        socket.connect(echo_address)
+        socket.connect(procs[0].ready.split()[0])
         try:
             return measure(args, address, socket)
         finally:
             socket.close(0)
     finally:
         for proc in procs:
-            stop(proc)
+            proc.stop()
 
 
 def measure(args: argparse.Namespace, address: str, socket: zmq.Socket) -> dict:
@@ -353,13 +326,6 @@ def profile_report(p: dict) -> str:
         f"work right after a 100 us sleep: {p['in_process_work_after_100us_sleep_us']:.1f} us",
         "cProfile, no sockets:", p["cprofile_in_process"],
         "cProfile, over loopback:", p["cprofile_over_loopback"]])
-
-
-def shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import shown  # noqa: E402
 from rrto_lab.sequence_search import (  # noqa: E402
     SequenceSearch,
     SyntheticStream,
@@ -147,13 +148,6 @@ def table(result: dict) -> str:
                      f"{str(r['found']):>5} {r['period']:>6} {r['level1_candidates']:>3} "
                      f"{r['level2_checks']:>3}")
     return "\n".join(lines)
-
-
-def shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd()))
-    except ValueError:
-        return str(path)
 
 
 def parser() -> argparse.ArgumentParser:

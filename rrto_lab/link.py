@@ -21,11 +21,12 @@ import logging
 import queue
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
+
+from rrto_lab.child import Child
 
 log = logging.getLogger("rrto_lab.link")
 READY = "rrto-link listening on "
@@ -174,36 +175,15 @@ def main(argv: list[str] | None = None) -> int:
 _RUN = "import sys; from rrto_lab.link import main; sys.exit(main())"
 
 
-class LinkProcess:
+class LinkProcess(Child):
     """An ``rrto-link`` child process in front of ``upstream``; its address once ready."""
 
     def __init__(self, upstream: str, spec: LinkSpec, timeout_s: float = 30.0) -> None:
         self.spec = spec
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", _RUN, "--upstream", upstream,
-             "--rtt-ms", str(spec.rtt_ms), "--mbps", str(spec.mbps)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
-        deadline = time.monotonic() + timeout_s
-        line = ""
-        while not line.startswith(READY) and time.monotonic() < deadline:
-            line = self.process.stdout.readline()  # type: ignore[union-attr]
-            if not line:
-                break
-        if not line.startswith(READY):
-            self.stop()
-            raise RuntimeError("rrto-link did not start")
-        self.address = line[len(READY):].split()[0]
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        super().__init__([sys.executable, "-c", _RUN, "--upstream", upstream,
+                          "--rtt-ms", str(spec.rtt_ms), "--mbps", str(spec.mbps)],
+                         READY, timeout_s, what="rrto-link")
+        self.address = self.ready.split()[0]
 
 
 if __name__ == "__main__":

@@ -3,39 +3,26 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import pytest
 import torch
 
 import rrto_lab
+from rrto_lab.child import Child
 
 READY = "rrto-server listening on "
 
 
-def start_server(*extra: str, listen: str = "tcp://127.0.0.1:0") -> tuple[subprocess.Popen, str]:
-    """Start ``python -m rrto_server`` and wait for its ready line; return (process, address)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu",
-         "--exit-with-parent", "--threads", "1", *extra],
-        stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
-    )
-    line = proc.stdout.readline()  # the server prints it once bound, or exits
-    if not line.startswith(READY):
-        proc.kill()
-        raise RuntimeError(f"rrto-server did not start: {line!r}")
-    return proc, line[len(READY):].split(" device=")[0]
+def start_server(*extra: str, listen: str = "tcp://127.0.0.1:0") -> tuple[Child, str]:
+    """Start ``python -m rrto_server`` and wait for its ready line; return (child, address)."""
+    child = Child([sys.executable, "-m", "rrto_server", "--listen", listen, "--device", "cpu",
+                   "--exit-with-parent", "--threads", "1", *extra], READY, what="rrto-server")
+    return child, child.ready.split(" device=")[0]
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    proc.stdout.close()
+def stop_server(child: Child) -> None:
+    child.stop()
 
 
 @pytest.fixture(scope="session")
