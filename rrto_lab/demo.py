@@ -34,10 +34,43 @@ class SmallCNN(nn.Module):
         return self.head(x)
 
 
+def run_mode(mode: str, server: str | None, model: nn.Module, inputs: list[torch.Tensor],
+             local: list[torch.Tensor]) -> bool:
+    """Run the loop in one mode; print one row per inference; return whether all agreed."""
+    session = rrto_lab.connect(server, mode=mode)
+    print(f"\nmode {mode}: server {session.address}, remote device "
+          f"{session.device_info['name']}")
+    print(f"{'inference':>9} {'phase':>7} {'ops':>5} {'RPCs':>5} {'latency ms':>11} "
+          f"{'top-1 local':>12} {'top-1 rrto':>11} {'max |diff|':>11}  agree")
+    all_agree = True
+    with session, torch.no_grad():
+        remote_model = copy.deepcopy(model).cuda()  # unmodified user code from here on
+        for i, x in enumerate(inputs):
+            before = session.stats()
+            rows = len(session.inferences)
+            began = time.perf_counter()
+            y = remote_model(x.cuda()).cpu()
+            latency_ms = (time.perf_counter() - began) * 1000
+            after = session.stats()
+            phase = "+".join(sorted({r["phase"] for r in session.inferences[rows:]}))
+            diff = (y - local[i]).abs().max().item()
+            agree = torch.allclose(y, local[i], atol=1e-5)
+            all_agree &= agree
+            print(f"{i:>9} {phase:>7} {after['ops'] - before['ops']:>5} "
+                  f"{after['rpcs'] - before['rpcs']:>5} {latency_ms:>11.2f} "
+                  f"{str(local[i].argmax(1).tolist()):>12} {str(y.argmax(1).tolist()):>11} "
+                  f"{diff:>11.2e}  {'yes' if agree else 'NO'}")
+        del remote_model
+    session.close()
+    return all_agree
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m rrto_lab.demo", description=__doc__)
     p.add_argument("--server", default=None,
                    help="rrto-server address (default: RRTO_SERVER, else an embedded server)")
+    p.add_argument("--modes", default="rpc,rrto",
+                   help="modes to run, comma-separated (default: %(default)s)")
     p.add_argument("--inferences", type=int, default=8)
     p.add_argument("--batch", type=int, default=4)
     args = p.parse_args(argv)
@@ -47,34 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     inputs = [torch.randn(args.batch, 3, 32, 32) for _ in range(args.inferences)]
     with torch.no_grad():
         local = [model(x) for x in inputs]
-
-    print("starting an rrto session ...", flush=True)
-    session = rrto_lab.connect(args.server)
-    print(f"connected to {session.address}, remote device: {session.device_info['name']}, "
-          f"mode: {session.mode}\n")
-    print(f"{'inference':>9} {'ops':>5} {'RPCs':>5} {'latency ms':>11} {'top-1 local':>12} "
-          f"{'top-1 rrto':>11} {'max |diff|':>11}  agree")
-    all_agree = True
-    with session, torch.no_grad():
-        remote_model = copy.deepcopy(model).cuda()  # unmodified user code from here on
-        for i, x in enumerate(inputs):
-            before = session.stats()
-            began = time.perf_counter()
-            y = remote_model(x.cuda()).cpu()
-            latency_ms = (time.perf_counter() - began) * 1000
-            after = session.stats()
-            diff = (y - local[i]).abs().max().item()
-            agree = torch.allclose(y, local[i], atol=1e-5)
-            all_agree &= agree
-            print(f"{i:>9} {after['ops'] - before['ops']:>5} {after['rpcs'] - before['rpcs']:>5} "
-                  f"{latency_ms:>11.2f} {str(local[i].argmax(1).tolist()):>12} "
-                  f"{str(y.argmax(1).tolist()):>11} {diff:>11.2e}  {'yes' if agree else 'NO'}")
-        del remote_model
-    session.close()
-    print(f"\nrrto results {'equal' if all_agree else 'DIFFER FROM'} the local results "
-          f"(torch.allclose, atol=1e-5). Mode 'rpc' pays one round trip per op; record/replay "
-          f"brings that to one per inference.")
-    return 0 if all_agree else 1
+    print("starting rrto sessions (the embedded server unless --server / RRTO_SERVER) ...")
+    agree = all([run_mode(mode, args.server, model, inputs, local)
+                 for mode in args.modes.split(",")])
+    print(f"\nrrto results {'equal' if agree else 'DIFFER FROM'} the local results "
+          "(torch.allclose, atol=1e-5). Mode rpc pays one round trip per op; in mode rrto, "
+          "once the operator sequence is found (phase replay), one per inference.")
+    return 0 if agree else 1
 
 
 if __name__ == "__main__":
