@@ -16,18 +16,16 @@ noisy; read the ratios.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
 import rrto_lab
-from benchmarks import _nontransparent
+from benchmarks import _nontransparent, write_json
 from benchmarks._models import MODELS, build, sample
 from rrto_lab.child import Child
 from rrto_lab.link import LinkProcess, LinkSpec
@@ -179,12 +177,9 @@ def main(argv: list[str] | None = None) -> int:
                           "cpu": platform.processor() or platform.machine(),
                           "device": args.device},
               "results": results}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
     _print_targets(results)
-    print("\nas markdown (README.md):\n" + markdown(results))
-    print(f"\nwrote {out}")
+    print("\nas markdown (README.md):\n" + markdown(results) + "\n")
+    write_json(args.out, report)
     return 0
 
 

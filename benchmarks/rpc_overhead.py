@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import platform
 import pstats
@@ -35,7 +34,7 @@ import torch
 import zmq
 
 import rrto_lab
-from benchmarks import shown
+from benchmarks import write_json
 from rrto_lab.child import Child
 from rrto_lab.client import Connection
 from rrto_server.executor import Executor
@@ -361,9 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table(result))
     if result["profile"]:
         print(profile_report(result["profile"]))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {shown(args.out)}")
+    write_json(args.out, result)
     return 0
 
 

@@ -13,7 +13,6 @@ as JSON, never asserted.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks import shown  # noqa: E402
+from benchmarks import write_json  # noqa: E402
 from rrto_lab.sequence_search import (  # noqa: E402
     SequenceSearch,
     SyntheticStream,
@@ -183,9 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                       args.syncs),
               "other": other_rows(sizes[-1], args.repeat)}
     print(table(result))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {shown(args.out)}")
+    write_json(args.out, result)
     return 0
 
 
