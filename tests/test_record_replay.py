@@ -223,3 +223,21 @@ def test_real_traces_find_one_inference_as_the_period(rrto, name):
     period, per_inference = found[0]
     assert period == per_inference  # the period is one whole inference, not a layer of it
     assert rrto.inferences[-1]["phase"] == "replay"
+
+
+@pytest.mark.parametrize("mode", ["async", "rrto"])
+def test_errors_of_queued_ops_surface_at_the_next_sync_point(server_address, mode):
+    s = rrto_lab.connect(server_address, mode=mode)
+    with s:
+        x = torch.arange(6.0, device="cuda")
+
+        def pick(index: list[int]) -> torch.Tensor:
+            return torch.index_select(x, 0, torch.tensor(index, device="cuda")) * 2
+
+        assert pick([0, 1]).tolist() == [0.0, 2.0]  # learns the metadata: next time it queues
+        y = pick([0, 99])  # queued without waiting: no error yet
+        with pytest.raises(rrto_lab.RemoteError, match="index_select") as info:
+            y.cpu()
+        assert "queued op" in str(info.value) and "index" in str(info.value).lower()
+        assert pick([5, 4]).tolist() == [10.0, 8.0]  # the session carries on
+    s.close()
