@@ -135,6 +135,10 @@ def _make_to(session: Session):  # noqa: ANN202
         if device is None or device.type not in ("cuda", backend.NAME):
             return _original_to(self, *args, copy=copy, **kwargs)
         target = _remote_device(device)
+        if isinstance(self, torch.nn.parameter.UninitializedTensorMixin):
+            raise RrtoError("rrto cannot move an uninitialized (lazy) parameter to the remote "
+                            "GPU: run the model once on a sample input before .cuda(), or use "
+                            "a layer with explicit sizes")
         if (self.device.type == "cpu" and not copy
                 and not (self.requires_grad and torch.is_grad_enabled())):
             return session.upload(self, dtype, memory_format or torch.preserve_format)

@@ -64,6 +64,11 @@ def test_module_cuda_and_to(session):
     assert other.weight.is_cuda
     back = remote.cpu()
     assert not back.weight.is_cuda and torch.allclose(back.weight, local.weight)
+    lazy = torch.nn.LazyLinear(3)
+    with pytest.raises(rrto_lab.RrtoError, match="run the model once"):
+        lazy.cuda()
+    lazy(torch.randn(2, 5))  # initialized: now it moves
+    assert lazy.cuda().weight.is_cuda
 
 
 def test_item_tolist_numpy_repr(session):
