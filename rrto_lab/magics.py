@@ -148,7 +148,7 @@ class Rrto(Magics):
 
     def _cmd_status(self, args: Any) -> None:
         s = self._need()
-        phase = "replay" if s.instance is not None else (
+        phase = "replay" if s.replaying else (
             "record" if s.mode == "rrto" else s.mode)
         print(f"server      {s.server_address}" + (f" via link {s.link}" if s.link else ""))
         print(f"device      {s.device_info['name']} (remote)")

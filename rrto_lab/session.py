@@ -22,11 +22,12 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
-from rrto_lab import aten, backend, intercept, meta_cache, recorder, replay
+from rrto_lab import aten, backend, intercept, meta_cache, recorder
 from rrto_lab.client import Connection, Heartbeat
 from rrto_lab.embedded import EmbeddedServer
 from rrto_lab.errors import RrtoError, SessionClosed
 from rrto_lab.link import LinkProcess, LinkSpec
+from rrto_lab.record_replay import NOT_REPLAYED, RecordReplay
 from rrto_lab.remote_tensor import RemoteTensor
 from rrto_lab.sequence_search import SequenceResult
 from rrto_lab.telemetry import Telemetry
@@ -43,7 +44,6 @@ from rrto_server.protocol import (
 
 log = logging.getLogger("rrto_lab.session")
 MODES = ("rpc", "async", "rrto")
-_NOT_REPLAYED = object()
 _ops = torch.ops.aten
 _COMPOSITE = torch._C.DispatchKeySet(torch._C.DispatchKey.CompositeExplicitAutograd)
 _REMOTE = RemoteDevice()
@@ -105,13 +105,8 @@ class Session:
         self._frames: list = []
         self.meta = meta_cache.MetaCache()
         self.telemetry = Telemetry()
-        self.recorder = recorder.Recorder() if mode == "rrto" else None
-        self.templates: dict[tuple, replay.Template] = {}
-        self._template_ids = 0
-        self.instance: replay.Instance | None = None
-        self.search_notes: list[str] = []
-        self._boundary = True
-        self._diverged = False
+        self.rr = RecordReplay(self)
+        self.rr.enable(mode == "rrto")
         self._live = 0
         try:
             reply, _ = self.connection.request(
@@ -165,20 +160,14 @@ class Session:
         self._check_open()
         self.flush()
         self.telemetry.close_row()
-        self.instance = None
-        self.recorder = recorder.Recorder() if mode == "rrto" else None
-        self._boundary, self._diverged = True, False
+        self.rr.enable(mode == "rrto")
         self.mode = mode
 
     def reset(self) -> None:
         """Forget templates, the recorded history and all statistics (tensors stay)."""
         self._check_open()
         self.flush()
-        self.instance = None
-        self.templates.clear()
-        self.search_notes.clear()
-        if self.recorder is not None:
-            self.recorder = recorder.Recorder()
+        self.rr.reset()
         self.telemetry.reset()
         self.connection.messages = self.connection.bytes_sent = 0
         self.connection.bytes_received = 0
@@ -211,7 +200,8 @@ class Session:
                           "referenced in this process; using them now raises SessionClosed",
                           stacklevel=2)
         # the session is ending: nothing left to run
-        self._pending_ops, self._frames, self.instance = [], [], None
+        self._pending_ops, self._frames = [], []
+        self.rr.enable(False)
         try:
             self._request({"type": "bye"})
         except RrtoError as e:
@@ -246,7 +236,17 @@ class Session:
         c = self.connection
         return {"ops": self.telemetry.ops, "rpcs": self.telemetry.rpcs, "messages": c.messages,
                 "bytes_sent": c.bytes_sent, "bytes_received": c.bytes_received,
-                "live_tensors": self._live, "templates": len(self.templates)}
+                "live_tensors": self._live, "templates": len(self.rr.templates)}
+
+    @property
+    def templates(self) -> dict:
+        """The replay templates known to this session (mode rrto), by their fine tokens."""
+        return self.rr.templates
+
+    @property
+    def replaying(self) -> bool:
+        """Whether the session is inside a replay instance now."""
+        return self.rr.instance is not None
 
     @property
     def inferences(self) -> list[dict[str, Any]]:
@@ -256,14 +256,15 @@ class Session:
     @property
     def search_result(self) -> SequenceResult | None:
         """The latest Operator Sequence Search result (mode rrto)."""
-        return self.recorder.last_result if self.recorder is not None else None
+        rec = self.rr.recorder
+        return rec.last_result if rec is not None else None
 
     # -- requests ------------------------------------------------------------------------------
     def _request(self, header: dict) -> tuple[dict, list]:
         """One round trip. Queued work and pending frees ride along, in order: the server runs
         ``ops`` (queued ops and replay segments), then frees, then the request itself."""
-        if self.instance is not None and header.get("type") != "replay":
-            self._queue_segment(self.instance)
+        if header.get("type") != "replay":
+            self.rr.queue_unsent()
         header["sid"] = self.sid
         if self._pending_ops:
             header["ops"], self._pending_ops = self._pending_ops, []
@@ -313,8 +314,8 @@ class Session:
             kwargs = {k: v for k, v in kwargs.items()
                       if k not in ("device", "pin_memory", "non_blocking")}
         if self.mode == "rrto":
-            out = self._replay(func, args, kwargs)
-            if out is not _NOT_REPLAYED:
+            out = self.rr.replay(func, args, kwargs)
+            if out is not NOT_REPLAYED:
                 return self._finish(func, args, kwargs, out)
         self.telemetry.op(self._phase, aten.op_name(func))
         if fetch:
@@ -340,11 +341,7 @@ class Session:
 
     @property
     def _phase(self) -> str:
-        if self.mode != "rrto":
-            return self.mode
-        if self._diverged:
-            return "fallback"
-        return "replay" if self.instance is not None else "record"
+        return self.rr.phase() if self.mode == "rrto" else self.mode
 
     def _encode(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict,
                 copy: bool) -> dict:
@@ -398,9 +395,7 @@ class Session:
             kind = recorder.SYNC  # (rpc mode does not ask whether shapes were data-dependent)
         else:
             kind = recorder.DYNAMIC
-        if self.recorder is not None:
-            self.recorder.add(recorder.OpRecord(func, entry["args"], entry["kwargs"], made,
-                                                spec, kind))
+        self.rr.record(recorder.OpRecord(func, entry["args"], entry["kwargs"], made, spec, kind))
         if kind != recorder.SYNC:
             self._sync_point()
         return out
@@ -414,10 +409,9 @@ class Session:
         out = self._make(spec, aten.tensors(args, kwargs), expect)
         entry["expect"] = expect
         self._pending_ops.append(entry)
-        if self.recorder is not None:
-            self.recorder.add(recorder.OpRecord(func, entry["args"], entry["kwargs"],
-                                                list(range(first, self._next_handle)), spec,
-                                                recorder.QUEUED))
+        self.rr.record(recorder.OpRecord(func, entry["args"], entry["kwargs"],
+                                         list(range(first, self._next_handle)), spec,
+                                         recorder.QUEUED))
         return out
 
     def _make(self, spec: Any, inputs: list[torch.Tensor], made: list[TensorMeta]) -> Any:
@@ -433,113 +427,16 @@ class Session:
     def _sync_point(self) -> None:
         """Data came back to the notebook: an inference row ends; in mode rrto, search."""
         self.telemetry.close_row()
-        self._diverged = False
-        if self.recorder is None:
-            return
-        self._boundary = True
-        result = self.recorder.search()
-        starts = result.period_starts
-        if not result.found or starts[-1] - starts[-2] != result.period:
-            return  # replay needs the last two periods back to back (carried values)
-        key = tuple(self.recorder.fine_token(i, result.period)
-                    for i in range(len(self.recorder.records) - result.period,
-                                   len(self.recorder.records)))
-        template = self.templates.get(key)
-        if template is None:
-            self._template_ids += 1
-            built = replay.build(self.recorder, result.period, self._template_ids, key)
-            if isinstance(built, str):
-                self.search_notes.append(built)
-                log.info("no replay: %s", built)
-                return
-            template = built
-            self._request({"type": "template", "template": template.id,
-                           "steps": template.wire()})
-            self.templates[key] = template
-        else:
-            template.last_outputs = replay.last_outputs(self.recorder, result.period)
-        self._start_instance(template, template.last_outputs)
-
-    def _start_instance(self, template: replay.Template, prev: Any) -> replay.Instance:
-        self.instance = replay.Instance(template, self._next_handle, prev)
-        self._next_handle += template.n_outputs
-        if self.recorder is not None:
-            self.recorder.clear()  # replayed ops are not recorded: the history restarts after
-        return self.instance
-
-    def _replay(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
-        """The op's outputs from the current template, or _NOT_REPLAYED (it diverged)."""
-        inst = self.instance
-        if inst is not None and not inst.match(func, args, kwargs):
-            if inst.cursor > 0:
-                self._diverge(inst)
-                return _NOT_REPLAYED
-            self.instance = inst = None  # a new inference, but maybe of another template
-            self._boundary = True
-        if inst is None:
-            if not (self._boundary and self.templates):
-                self._boundary = False
-                return _NOT_REPLAYED
-            self._boundary = False
-            inst = self._enter(func, args, kwargs)
-            if inst is None:
-                return _NOT_REPLAYED
-        self.telemetry.op("replay", aten.op_name(func))
-        step = inst.template.steps[inst.cursor]
-        if step.kind in (recorder.FETCH, recorder.VALUE):
-            out = self._replay_request(inst, inst.cursor + 1)
-        else:
-            out = inst.outputs(args, kwargs, self._wrap)
-        inst.cursor += 1
-        if inst.cursor == inst.template.period:
-            self.telemetry.close_row()
-            self._start_instance(inst.template, inst.base)
-        return out
-
-    def _enter(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict
-               ) -> replay.Instance | None:
-        """At a sync boundary, start a known template whose first step this op is."""
-        for template in reversed(list(self.templates.values())):
-            if replay.Instance(template, self._next_handle, None).match(func, args, kwargs):
-                inst = self._start_instance(template, None)
-                inst.match(func, args, kwargs)  # again, to keep its inputs on this instance
-                return inst
-        return None
-
-    def _diverge(self, inst: replay.Instance) -> None:
-        """The op is not the template's next step: run the matched prefix, record again."""
-        self._queue_segment(inst)
-        self.instance = None
-        self._diverged = True
-        if self.recorder is not None:
-            self.recorder.clear()
-
-    def _queue_segment(self, inst: replay.Instance) -> None:
-        if inst.cursor > inst.start:
-            self._pending_ops.append(self._segment(inst, inst.cursor))
-
-    def _segment(self, inst: replay.Instance, stop: int) -> dict:
-        body = inst.segment(stop)
-        body["inputs"] = [self._frame(meta, data) for meta, data in inst.inputs]
-        inst.inputs, inst.carried, inst.start = [], [], stop
-        return body
+        self.rr.sync_point()
 
     def _frame(self, meta: TensorMeta, data: bytes) -> Payload:
+        """Queue ``data`` as a payload frame of the next request."""
         self._frames.append(data)
         return Payload(len(self._frames) - 1, meta)
 
-    def _replay_request(self, inst: replay.Instance, stop: int) -> Any:
-        """Run the template up to and including a step whose answer the notebook needs."""
-        reply, frames = self._request({"type": "replay", **self._segment(inst, stop)})
-        result = reply["result"]
-        if isinstance(result, Payload):
-            return tensor_from_frame(result.meta, frames[result.frame])
-        return result
-
     def flush(self) -> None:
         """Run every queued op now (a round trip only if there is any)."""
-        if self._pending_ops or (self.instance is not None
-                                 and self.instance.cursor > self.instance.start):
+        if self._pending_ops or self.rr.unsent():
             self._request({"type": "ping"})
 
     def upload(self, t: torch.Tensor, dtype: torch.dtype | None = None,
