@@ -209,9 +209,6 @@ class Executor:
 
         return walk(result, leaf), out_frames
 
-    def fetch(self, handle: int, out_frames: list[memoryview]) -> Payload:
-        return self._payload(self.tensor(handle), out_frames)
-
     @staticmethod
     def _payload(t: torch.Tensor, out_frames: list[memoryview]) -> Payload:
         meta, frame = tensor_to_frame(t.cpu())

@@ -69,7 +69,6 @@ class Server:
             "op": self._op,
             "template": self._template,
             "replay": self._replay,
-            "fetch": self._fetch,
             "device": self._device,
             "event": self._event,
             "ping": lambda s, h, f: ({}, []),
@@ -145,10 +144,10 @@ class Server:
         ops = header.get("ops")
         if ops:
             self._run_queued(session, ops, frames)
-        # Frees come after the work issued before them. A replay (or fetch) request holds steps
-        # the client matched before it dropped some of their tensors, so it runs first; other
-        # requests (memory queries, bye) see the frees.
-        if kind in ("replay", "fetch"):
+        # Frees come after the work issued before them. A replay request holds steps the client
+        # matched before it dropped some of their tensors, so it runs first; other requests
+        # (memory queries, bye) see the frees.
+        if kind == "replay":
             answer = handler(session, header, frames)
             session.executor.free(free)
             return answer
@@ -234,13 +233,6 @@ class Server:
         result, out_frames = replay(session.executor, self._find_template(session, header),
                                     header, frames)
         return {"result": result}, out_frames
-
-    def _fetch(self, session: Session, header: dict, frames: list) -> Reply:
-        handle = header.get("handle")
-        if not isinstance(handle, int):
-            raise ProtocolError("'handle' must be an integer")
-        out_frames: list = []
-        return {"result": session.executor.fetch(handle, out_frames)}, out_frames
 
     def _device(self, session: Session, header: dict, frames: list) -> Reply:
         query = header.get("query")
