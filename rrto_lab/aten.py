@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -124,3 +125,28 @@ def python_composite(func: torch._ops.OpOverload) -> bool:
     """A non-ATen op with a kernel of its own that only calls other ops (a custom op)."""
     return func.namespace != "aten" and torch._C._dispatch_has_kernel_for_dispatch_key(
         func.name(), "CompositeExplicitAutograd")
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What the dispatch path asks of an op, worked out once per op."""
+
+    name: str  # the wire name (op_name), or "" for a non-ATen op
+    decomposes: bool
+    python_composite: bool
+    resize: bool
+    outs: tuple[str, ...]
+    aliases: bool
+
+
+_traits: dict[int, Traits] = {}
+
+
+def traits(func: torch._ops.OpOverload) -> Traits:
+    """The op's :class:`Traits` (keyed by identity: OpOverload hashes in Python, slowly)."""
+    found = _traits.get(id(func))
+    if found is None:
+        found = _traits[id(func)] = Traits(
+            op_name(func) if func.namespace == "aten" else "", decomposes(func),
+            python_composite(func), func in RESIZES, out_arguments(func), aliases(func))
+    return found

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rrto_lab import aten, recorder, replay
+from rrto_lab import recorder, replay
 from rrto_server.protocol import Payload, tensor_from_frame
 
 if TYPE_CHECKING:
@@ -98,7 +98,7 @@ class RecordReplay:
         return self.instance
 
     # -- per op --------------------------------------------------------------------------------
-    def replay(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
+    def replay(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, name: str) -> Any:
         """The op's outputs from the current template, or NOT_REPLAYED (record it instead)."""
         inst = self.instance
         if inst is not None and not inst.match(func, args, kwargs):
@@ -116,7 +116,7 @@ class RecordReplay:
             if inst is None:
                 return NOT_REPLAYED
         s = self.session
-        s.telemetry.op("replay", aten.op_name(func))
+        s.telemetry.op("replay", name)
         step = inst.template.steps[inst.cursor]
         if step.kind in (recorder.FETCH, recorder.VALUE):
             out = self._request(inst, inst.cursor + 1)

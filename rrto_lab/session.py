@@ -300,11 +300,12 @@ class Session:
     def dispatch(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> Any:
         """Run one intercepted ATen op on the server; return what the op returns locally."""
         self._check_open()
-        if aten.decomposes(func):
+        traits = aten.traits(func)
+        if traits.decomposes:
             out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:
                 return out
-        if aten.python_composite(func):
+        if traits.python_composite:
             return func.redispatch(_COMPOSITE, *args, **kwargs)
         if func is _ops.copy_.default and not isinstance(args[0], RemoteTensor):
             host = self.dispatch(_ops._to_copy.default, (args[1],), {"device": _CPU})
@@ -314,10 +315,10 @@ class Session:
             kwargs = {k: v for k, v in kwargs.items()
                       if k not in ("device", "pin_memory", "non_blocking")}
         if self.mode == "rrto":
-            out = self.rr.replay(func, args, kwargs)
+            out = self.rr.replay(func, args, kwargs, traits.name)
             if out is not NOT_REPLAYED:
-                return self._finish(func, args, kwargs, out)
-        self.telemetry.op(self._phase, aten.op_name(func))
+                return self._finish(func, args, kwargs, out, traits)
+        self.telemetry.op(self._phase, traits.name or aten.op_name(func))
         if fetch:
             out = self._run(func, args, kwargs, fetch=True)
         elif self.mode == "rpc":
@@ -327,15 +328,16 @@ class Session:
             spec = self.meta.get(key)
             out = self._enqueue(func, args, kwargs, spec) if spec is not None \
                 else self._run(func, args, kwargs, key=key)
-        return self._finish(func, args, kwargs, out)
+        return self._finish(func, args, kwargs, out, traits)
 
-    def _finish(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any) -> Any:
-        if func in aten.RESIZES:
+    def _finish(self, func: torch._ops.OpOverload, args: tuple, kwargs: dict, out: Any,
+                traits: aten.Traits) -> Any:
+        if traits.resize:
             return aten.resized(func, args, kwargs)
-        if aten.out_arguments(func):
+        if traits.outs:
             aten.resize_outs(func, args, kwargs)
-        if not aten.aliases(func) or (isinstance(out, torch.Tensor)
-                                      and not isinstance(out, RemoteTensor)):
+        if not traits.aliases or (isinstance(out, torch.Tensor)
+                                  and not isinstance(out, RemoteTensor)):
             return out  # nothing to alias, or fetched data
         return return_and_correct_aliasing(func, args, kwargs, out)
 
