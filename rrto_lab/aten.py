@@ -113,11 +113,15 @@ def resize_outs(func: torch._ops.OpOverload, args: tuple, kwargs: dict) -> None:
                 set_meta(r, m.shape, m.stride(), m.storage_offset())
 
 
+# Composites sent whole: the server's device has a fused kernel for them.
+FUSED = (aten.scaled_dot_product_attention.default,)
+
+
 @cache
 def decomposes(func: torch._ops.OpOverload) -> bool:
     """Whether the op is a composite that runs as other ops (it reached us below autograd)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key(func.name(),
-                                                          "CompositeImplicitAutograd")
+    return func not in FUSED and torch._C._dispatch_has_kernel_for_dispatch_key(
+        func.name(), "CompositeImplicitAutograd")
 
 
 @cache

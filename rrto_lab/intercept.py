@@ -13,7 +13,9 @@ code pays nothing. The pieces:
 - Python fallback kernels on the ``CUDA`` and ``PrivateUse1`` dispatch keys catch factories
   (``torch.randn(..., device="cuda")``) and the allocations inside host-to-device copies;
 - ``nn.Module._apply`` swaps parameters instead of assigning ``.data`` (which drops subclasses);
-- ``torch.autocast("cuda")`` also enables autocast for ``rgpu`` (:mod:`rrto_lab.autocast`).
+- ``torch.autocast("cuda")`` also enables autocast for ``rgpu`` (:mod:`rrto_lab.autocast`);
+- attention (``scaled_dot_product_attention``) goes to the server as one op when no gradient
+  flows through it, so a GPU server runs its fused kernel.
 """
 
 from __future__ import annotations
@@ -86,6 +88,10 @@ def install(session: Session) -> None:
         # (list indices) reaches PrivateUse1; a fallback there trips an assert, a kernel works.
         act.aten_library = torch.library.Library("aten", "IMPL")
         act.aten_library.impl("copy_", _make_copy(session), "PrivateUse1")
+        # Attention is one op on a GPU (flash / memory-efficient kernels); left alone, its
+        # composite runs here and the server sees bmm + softmax + bmm.
+        act.aten_library.impl("scaled_dot_product_attention", _fused_attention,
+                              "AutogradPrivateUse1")
         autocast.install(act.patch)
         torch.__future__.set_swap_module_params_on_conversion(True)
         backend.set_answer(session.device_query)
@@ -196,6 +202,20 @@ def _is_pinned(self: torch.Tensor, device: Any = None) -> bool:
 
 
 # -- dispatch-key fallbacks ------------------------------------------------------------------
+_SDPA = torch.ops.aten.scaled_dot_product_attention.default
+_BELOW_AUTOGRAD = torch._C._AutoDispatchBelowAutograd
+
+
+def _fused_attention(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """Send attention as one op when no gradient flows through it (inference); with a
+    gradient, run PyTorch's composite as usual, so autograd records its parts."""
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
+                                       for t in (*args, *kwargs.values())):
+        return _SDPA.decompose(*args, **kwargs)
+    with _BELOW_AUTOGRAD():
+        return _SDPA(*args, **kwargs)
+
+
 def _make_copy(session: Session):  # noqa: ANN202
     def copy_(self: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> torch.Tensor:
         return session.dispatch(torch.ops.aten.copy_.default, (self, src, non_blocking), {})

@@ -316,3 +316,19 @@ def test_stats_count_ops_and_round_trips(session):
     assert after["bytes_sent"] > before["bytes_sent"]
     assert after["bytes_received"] > before["bytes_received"]
     assert set(after) >= {"ops", "rpcs", "messages", "bytes_sent", "bytes_received"}
+
+
+def test_attention_is_one_fused_op_for_inference_and_differentiable(session):
+    q, k, v = (torch.randn(2, 4, 8, 16) for _ in range(3))
+    rq, rk, rv = q.cuda(), k.cuda(), v.cuda()
+    before = len(session.telemetry.trace)
+    with torch.no_grad():
+        out = torch.nn.functional.scaled_dot_product_attention(rq, rk, rv, is_causal=True)
+    ops = [name for _, name, _ in list(session.telemetry.trace)[before:]]
+    assert ops == ["scaled_dot_product_attention"]  # the server's fused kernel, not bmm+softmax
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-5, atol=1e-5)
+    lq, gq = q.clone().requires_grad_(), rq.detach().requires_grad_()
+    torch.nn.functional.scaled_dot_product_attention(lq, k, v).sum().backward()
+    torch.nn.functional.scaled_dot_product_attention(gq, rk, rv).sum().backward()
+    torch.testing.assert_close(gq.grad.cpu(), lq.grad, rtol=1e-5, atol=1e-5)
