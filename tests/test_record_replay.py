@@ -35,6 +35,17 @@ def run_loop(session, model, inputs, step=None):
     return outs, rows
 
 
+def offloaded_matches_local(session, local, inputs, forward):
+    """Run ``forward`` on a remote copy of ``local`` for each input and check it equals the local
+    run; return the telemetry rows of each call."""
+    remote = copy.deepcopy(local).cuda()
+    with torch.no_grad():
+        outs, rows = run_loop(session, remote, inputs, lambda m, x, i: forward(m, x.cuda()).cpu())
+        for got, x in zip(outs, inputs, strict=True):
+            torch.testing.assert_close(got, forward(local, x), rtol=1e-5, atol=1e-6)
+    return rows
+
+
 def test_default_mode_is_rrto(server_address):
     s = rrto_lab.connect(server_address)
     assert s.mode == "rrto"
@@ -61,8 +72,6 @@ def test_replay_engages_for_a_static_model_and_matches_local(rrto):
 
 def test_two_sync_points_per_inference_cost_two_round_trips(rrto):
     torch.manual_seed(0)
-    local = nn.Linear(6, 6)
-    remote = copy.deepcopy(local).cuda()
 
     def forward(model, x):
         h = model(x)
@@ -70,11 +79,8 @@ def test_two_sync_points_per_inference_cost_two_round_trips(rrto):
             h = h.clamp(-1e6, 1e6)
         return model(h)
 
-    inputs = [torch.randn(3, 6) for _ in range(8)]
-    with torch.no_grad():
-        outs, rows = run_loop(rrto, remote, inputs, lambda m, x, i: forward(m, x.cuda()).cpu())
-        for got, x in zip(outs, inputs, strict=True):
-            torch.testing.assert_close(got, forward(local, x), rtol=1e-5, atol=1e-6)
+    rows = offloaded_matches_local(rrto, nn.Linear(6, 6), [torch.randn(3, 6) for _ in range(8)],
+                                   forward)
     steady = rows[-1]
     assert all(r["phase"] == "replay" for r in steady)
     assert sum(r["rpcs"] for r in steady) == 2
@@ -82,8 +88,6 @@ def test_two_sync_points_per_inference_cost_two_round_trips(rrto):
 
 def test_data_dependent_control_flow_falls_back_and_stays_correct(rrto):
     torch.manual_seed(0)
-    local = nn.Linear(5, 5)
-    remote = copy.deepcopy(local).cuda()
 
     def forward(model, x):
         h = model(x)
@@ -92,10 +96,7 @@ def test_data_dependent_control_flow_falls_back_and_stays_correct(rrto):
         return torch.tanh(h) - 1
 
     inputs = [torch.randn(2, 5) * (1 if i % 3 else -4) for i in range(12)]
-    with torch.no_grad():
-        outs, rows = run_loop(rrto, remote, inputs, lambda m, x, i: forward(m, x.cuda()).cpu())
-        for got, x in zip(outs, inputs, strict=True):
-            torch.testing.assert_close(got, forward(local, x), rtol=1e-5, atol=1e-6)
+    rows = offloaded_matches_local(rrto, nn.Linear(5, 5), inputs, forward)
     phases = {r["phase"] for rs in rows for r in rs}
     assert "replay" in phases and "fallback" in phases
 
