@@ -234,11 +234,14 @@ class InProcessServer:
         self.executor = Executor(torch.device("cpu"))
         self.executor.tensors.update(tensors)
         self.server_ns = 0
+        self.messages = self.bytes_sent = self.bytes_received = 0  # what telemetry reads
 
     def request(self, header: dict, frames: list | tuple = ()) -> tuple[dict, list]:
         if header.get("type") != "op" or header.get("ops"):
             raise RuntimeError("the in-process stand-in answers single ops only (mode rpc)")
         data = pack({"id": 1, **header})
+        self.messages += 1
+        self.bytes_sent += len(data)
         start = time.perf_counter_ns()
         request = unpack(data)
         self.executor.free(request.get("free") or [])
@@ -247,6 +250,7 @@ class InProcessServer:
             request["fetch"], [memoryview(f) for f in frames])
         reply = pack({"id": 1, "ok": True, "result": result})
         self.server_ns += time.perf_counter_ns() - start
+        self.bytes_received += len(reply)
         return unpack(reply), out_frames
 
 
