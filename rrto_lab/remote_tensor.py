@@ -110,35 +110,10 @@ class RemoteTensor(torch.Tensor):
         memo[id(self)] = new
         return new
 
-    # -- indexing: lists become index tensors (a list index trips an assert in PyTorch) --------
-    def __getitem__(self, index: Any) -> Any:
-        return super().__getitem__(_index(index))
-
-    def __setitem__(self, index: Any, value: Any) -> None:
-        super().__setitem__(_index(index), value)
-
     def __del__(self) -> None:
         session = self.__dict__.get("_rrto_session")
         if session is not None:
             session.release(self._rrto_handle)
-
-
-def _is_int_list(index: Any) -> bool:
-    return isinstance(index, list) and all(
-        isinstance(i, (int, bool)) or _is_int_list(i) for i in index)
-
-
-def _as_index(index: list) -> torch.Tensor:
-    t = torch.tensor(index)
-    return t.long() if t.is_floating_point() else t  # only an empty list gives a float tensor
-
-
-def _index(index: Any) -> Any:
-    if _is_int_list(index):
-        return _as_index(index)
-    if isinstance(index, tuple):
-        return tuple(_as_index(i) if _is_int_list(i) else i for i in index)
-    return index
 
 
 def session_of(args: Any, kwargs: Any) -> Session:
